@@ -17,7 +17,7 @@ from models_vit import MODELS, build_encoder
 from util import dist
 from util.checkpoint import check_output_dir, load_checkpoint, save_atomic
 from util.data import build_dataset, build_loader, validate_num_classes
-from util.errors import UserError, exit_on_user_error
+from util.errors import UserError, exit_on_user_error, user_errors
 from util.lars import LARS
 from util.lr_sched import scaled_lr
 from util.run_log import RunLog
@@ -305,7 +305,9 @@ def resume_run(args, resume, probe_set, optimizer, scaler, config):
     best = {name: {"acc1": -1.0, "epoch": -1} for name in probe_set.names}
     if not resume:
         return best, {}
-    ckpt = load_checkpoint(resume)
+    with user_errors({OSError: "pass --resume the path of a checkpoint-last.pth or checkpoint-best.pth",
+                      ValueError: "pass --resume a checkpoint written by main_linprobe.py"}):
+        ckpt = load_checkpoint(resume)
     check_same_config(ckpt, config, resume)
     probe_set.load_state_dict(ckpt["probes"])
     best_states = {}

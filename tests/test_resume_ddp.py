@@ -91,10 +91,11 @@ def test_kill_during_checkpoint_write_keeps_a_whole_checkpoint(tmp_path):
         time.sleep(0.05 + 0.07 * attempt)
         writer.send_signal(signal.SIGKILL)
         writer.wait()
-        if path.with_name(path.name + ".tmp").exists():  # the kill came while the next version was being written
+        tmps = list(tmp_path.glob(f".{path.name}.*.tmp"))  # the writer's own temporary file (one per process)
+        if tmps:  # the kill came while the next version was being written
             break
-    tmp = path.with_name(path.name + ".tmp")
-    assert tmp.exists(), "never killed during a write"
+    assert tmps, "never killed during a write"
+    tmp = tmps[0]
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["version"] >= 1
     assert torch.equal(checkpoint["big"], torch.full((16 * 2**20,), float(checkpoint["version"])))
