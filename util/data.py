@@ -17,13 +17,14 @@ from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 from tqdm import tqdm
 
+from util import digits_clutter
 from util.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BICUBIC = transforms.InterpolationMode.BICUBIC
 TORCHVISION_SETS = ("stl10", "cifar10", "cifar100")
-DATA_PATH_HELP = "an ImageFolder root with train/ and val/, or one of: digits, " + ", ".join(TORCHVISION_SETS)
+DATA_PATH_HELP = "an ImageFolder root with train/ and val/, or one of: digits, digits_clutter, " + ", ".join(TORCHVISION_SETS)
 # scikit-image photographs that ship inside the wheel (no pooch download), natural images only.
 SAMPLE_PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "rocket", "hubble_deep_field",
                  "immunohistochemistry", "moon", "retina", "grass", "gravel", "brick")
@@ -272,6 +273,8 @@ def build_dataset(data_path, split, input_size, *, download=False, skip_bad_imag
     if data_path == "digits":
         return Digits(split, input_size, _digits_transform(look, input_size))
     name, _, root = data_path.partition(":")
+    if name == "digits_clutter":  # generated on first use (util/digits_clutter.py), optionally "digits_clutter:/root"
+        return digits_clutter.build(split, input_size, root=root or None, augment=augment)
     if name in TORCHVISION_SETS:
         return _torchvision_set(name, root, split, build_transform(look, input_size), download)
     return _imagefolder_split(Path(data_path).expanduser(), split, build_transform(look, input_size),
@@ -317,6 +320,8 @@ def build_image_set(data_path, input_size, *, max_images=None, skip_bad_images=F
     transform = build_transform("val", input_size)
     if str(data_path) == "samples":
         dataset = SamplePhotos(transform)
+    elif str(data_path).partition(":")[0] == "digits_clutter":
+        dataset = digits_clutter.build("val", input_size, root=str(data_path).partition(":")[2] or None)
     else:
         root = Path(data_path).expanduser()
         if not root.exists() or not root.is_dir():
