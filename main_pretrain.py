@@ -75,7 +75,7 @@ def get_args_parser():
 
     c = p.add_argument_group("MoCo v3")
     c.add_argument("--moco_dim", type=int, default=128, help="output size of projector and predictor")
-    c.add_argument("--moco_mlp_dim", type=int, default=512, help="hidden size of projector and predictor")
+    c.add_argument("--moco_mlp_dim", type=int, default=256, help="hidden size of projector and predictor")
     c.add_argument("--moco_t", type=float, default=0.2, help="InfoNCE temperature")
     c.add_argument("--moco_m", type=float, default=0.99, help="initial momentum, cosine-increased to 1")
 
@@ -288,7 +288,7 @@ def train_one_epoch(args, model, loader, optimizer, epoch, log):
         optimizer.step()
         total += value * batch
         count += batch
-        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", refresh=False)
         log.scalars({"train/loss_step": value, "train/lr": lr}, epoch * steps + step)
     seconds = time.time() - start
     return {"train_loss": total / max(count, 1), "lr": lr, "img/s": count / max(seconds, 1e-9), "seconds": seconds}

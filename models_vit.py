@@ -30,7 +30,7 @@ MODELS = {
     "vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
     "vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
     "vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
-    "vit_mini_patch8": dict(patch_size=8, embed_dim=128, depth=6, num_heads=4),  # 64 px digits_clutter (issue 14)
+    "vit_mini_patch8": dict(patch_size=8, embed_dim=64, depth=4, num_heads=2),  # 64 px digits_clutter (issue 14)
 }
 MAE_DEFAULTS = dict(mlp_ratio=4.0, qkv_bias=True)
 LAYER_NORM_EPS = 1e-6

@@ -24,9 +24,12 @@ VERSION = 1  # bump when the generator changes: a new cache folder is written, o
 SEED = 0
 CANVAS = 64
 SIZES = {"train": 5000, "val": 1000}
-DIGIT_PX = (20, 32)        # side of the labelled digit on the canvas (8x8 source, upscaled 2.5x-4x)
+DIGIT_PX = (24, 40)        # side of the labelled digit on the canvas (8x8 source, upscaled 3x-5x)
 FRAGMENTS = (3, 6)         # distractor fragments per canvas, inclusive
-FRAGMENT_CELLS = (3, 5)    # a fragment is a 3x3..5x5 (of 8x8) window of another digit, upscaled like a digit
+FRAGMENT_CELLS = (2, 4)    # a fragment is a 2x2..4x4 (of 8x8) window of another digit, upscaled like a digit
+POSITION_SPREAD = 1.0      # the digit's top-left is drawn from this central share of the free range (1: anywhere)
+FRAGMENT_INK = (0.6, 1.0)  # brightness of a fragment (the labelled digit: DIGIT_INK)
+DIGIT_INK = (0.7, 1.0)
 MAX_OVERLAP = 0.3          # share of a fragment's box allowed on the digit's box (the digit stays readable)
 VAL_FRACTION = 0.2
 MANIFEST = "manifest.csv"
@@ -73,7 +76,9 @@ def draw_canvas(rng, images, targets, sources, label):
     same = sources[targets[sources] == label]
     source = int(same[rng.integers(len(same))])
     side = int(rng.integers(DIGIT_PX[0], DIGIT_PX[1] + 1))
-    top, left = (int(v) for v in rng.integers(0, CANVAS - side + 1, size=2))
+    free = CANVAS - side
+    low = int(round(free * (1 - POSITION_SPREAD) / 2))
+    top, left = (int(v) for v in rng.integers(low, free - low + 1, size=2))
     digit_box = (top, left, side, side)
     fragments = []
     for _ in range(int(rng.integers(FRAGMENTS[0], FRAGMENTS[1] + 1))):
@@ -88,11 +93,11 @@ def draw_canvas(rng, images, targets, sources, label):
             box = (int(rng.integers(0, CANVAS - fh + 1)), int(rng.integers(0, CANVAS - fw + 1)), fh, fw)
             if _overlap(box, digit_box) <= MAX_OVERLAP * fh * fw:
                 break
-        piece = _upscale(images[other][r0:r0 + ch, c0:c0 + cw], fh, fw) * rng.uniform(0.6, 1.0)
+        piece = _upscale(images[other][r0:r0 + ch, c0:c0 + cw], fh, fw) * rng.uniform(*FRAGMENT_INK)
         region = canvas[box[0]:box[0] + fh, box[1]:box[1] + fw]
         np.maximum(region, piece, out=region)
         fragments.append(other)
-    digit = _upscale(images[source], side, side) * rng.uniform(0.7, 1.0)
+    digit = _upscale(images[source], side, side) * rng.uniform(*DIGIT_INK)
     region = canvas[top:top + side, left:left + side]
     np.maximum(region, digit, out=region)
     return np.round(canvas * 255).astype(np.uint8), source, fragments
