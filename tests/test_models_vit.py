@@ -284,7 +284,7 @@ def test_random_init_and_input_size(capsys):
     assert not enc.training and not any(p.requires_grad for p in enc.parameters())
     assert enc.forward_tokens(images()).shape == (3, 17, 64)
     assert set(models_vit.MODELS) == {"vit_tiny_patch16", "vit_small_patch16", "vit_base_patch16",
-                                      "vit_large_patch16", "vit_huge_patch14"}
+                                      "vit_large_patch16", "vit_huge_patch14", "vit_mini_patch8"}
     with pytest.raises(UserError, match="not divisible by the patch size 8"):
         build_encoder("vit_tiny_patch16", input_size=36, **TINY)
     with pytest.raises(UserError, match="unknown model"):
