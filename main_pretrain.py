@@ -13,7 +13,6 @@ writes it from any checkpoint of this script.
 import argparse
 import math
 import os
-import sys
 import time
 
 import torch
