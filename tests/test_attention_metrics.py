@@ -5,8 +5,13 @@ import math
 import pytest
 import torch
 
-from util.attention_metrics import (CLS_METRICS, PATCH_METRICS, AttentionStatsAccumulator, block_metrics,
-                                    fourier_delta_log_amplitude)
+from util.attention_metrics import (
+    CLS_METRICS,
+    PATCH_METRICS,
+    AttentionStatsAccumulator,
+    block_metrics,
+    fourier_delta_log_amplitude,
+)
 
 LOG_EPS = math.log(1e-6)  # cl-vs-mim's amplitude offset, seen in empty Fourier bins
 
