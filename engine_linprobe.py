@@ -37,7 +37,9 @@ class FrozenTokens:
         self.encode = encoder.forward_tokens
         if compile and not need_attention:
             self.encode = torch.compile(encoder.forward_tokens)
-        self.block = (encoder.depth - 1) if block is None else block % encoder.depth
+        self.block = encoder.block_index(block)  # ValueError for a block the encoder does not have
+        if oracle is not None and not oracle.has_class_token:
+            raise ValueError("the oracle encoder has no [cls] token whose attention could weight the patches")
         self.need_attention = need_attention
         self.oracle = oracle
         self.device = device
