@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models_vit import MODELS, build_encoder, capture_attention
+from models_vit import MODELS, NonFiniteWeights, architecture, build_encoder, capture_attention
 from util.attention_metrics import AttentionStatsAccumulator, metric_names
 from util.amp import AMP_DTYPES, autocast
 from util.checkpoint import check_output_dir
 from util.data import build_image_set, build_loader, find_user_error
-from util.errors import UserError, exit_on_user_error
+from util.errors import UserError, exit_on_user_error, user_errors
 from util import plots
 
 CSV_NAME, JSON_NAME = "attention_stats.csv", "attention_stats.json"
@@ -36,12 +36,15 @@ MAX_TSNE_IMAGES, TOKENS_PER_IMAGE, MAX_TSNE_TOKENS = 3000, 8, 3000  # bounds mem
 def get_args_parser():
     p = argparse.ArgumentParser("attention statistics of a frozen ViT", add_help=True)
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--model", default="vit_base_patch16", help=f"one of {', '.join(MODELS)}, or a timm pretrained name")
+    p.add_argument("--model", default="vit_base_patch16",
+                   help=f"a preset ({', '.join(MODELS)}) or a timm ViT/BEiT architecture name")
     p.add_argument("--input_size", type=int, default=224)
-    p.add_argument("--simmim", action="store_true", help="--finetune is a SimMIM checkpoint")
-    p.add_argument("--finetune", default="", help="checkpoint path or timm name (default: random init)")
-    p.add_argument("--checkpoint_key", default="model")
-    p.add_argument("--no_cls_token", action="store_true", help="encoder without [cls]: patch metrics only")
+    p.add_argument("--simmim", action="store_true", help="optional: insist that --finetune is a SimMIM/BEiT file")
+    p.add_argument("--finetune", default="", help="checkpoint file of any supported release, or a timm "
+                   "pretrained name (default: random init)")
+    p.add_argument("--checkpoint_key", default="", help="sub-model or entry to read (default: the release's own)")
+    p.add_argument("--no_cls_token", action="store_true", help="random encoder without [cls] (a checkpoint "
+                   "without one is recognised): patch metrics only")
     p.add_argument("--data_path", default="samples",
                    help="ImageFolder, flat folder of images, or 'samples' (scikit-image's bundled photos)")
     p.add_argument("--max_images", type=int, default=None, help="use at most this many images (evenly spaced)")
@@ -69,7 +72,8 @@ def check_args(args):
         raise UserError(f"--max_images {args.max_images} must be at least 1 (pass a positive number)")
     if args.num_workers < 0:
         raise UserError(f"--num_workers {args.num_workers} must be 0 or more (pass 0 to load images in this process)")
-    patch = MODELS.get(args.model, {}).get("patch_size", 1)  # a timm name's patch size is checked on loading
+    with user_errors({ValueError: "pick a preset or a timm ViT/BEiT architecture as --model"}):
+        patch = architecture(args.model)["patch_size"]
     if args.input_size < 1 or args.input_size % patch:
         raise UserError(f"--input_size {args.input_size} is not a positive multiple of the patch size {patch} "
                         f"(use a multiple of {patch}, e.g. {patch * (224 // patch)})")
@@ -89,10 +93,10 @@ class EmbeddingSamples:
         self.images, self.image_labels, self.tokens, self.token_labels = [], [], [], []
         self.generator = torch.Generator().manual_seed(seed)
 
-    def add(self, tokens, labels, num_prefix):
+    def add(self, tokens, labels, num_prefix, has_cls):
         tokens, labels = tokens.float().cpu(), labels.cpu()
         if sum(map(len, self.images)) < MAX_TSNE_IMAGES:
-            self.images.append(tokens[:, 0] if num_prefix else tokens.mean(1))
+            self.images.append(tokens[:, 0] if has_cls else tokens[:, num_prefix:].mean(1))
             self.image_labels.append(labels)
         if sum(map(len, self.tokens)) < MAX_TSNE_TOKENS:
             patches = tokens[:, num_prefix:]
@@ -111,6 +115,7 @@ def measure(encoder, loader, device, amp, embeddings=None):
     """Streams the loader through the encoder: (accumulator, overlay images, their [cls] maps or None)."""
     stats = AttentionStatsAccumulator()
     prefix, grid, patch = encoder.num_prefix_tokens, encoder.grid_size, encoder.patch_size
+    has_cls = bool(encoder.has_class_token)  # token 0; registers (if any) sit between it and the patches
     overlay_images, overlay_maps = [], []
     bar = tqdm(total=len(loader.dataset), unit="img", desc="attention stats", dynamic_ncols=True)
     with bar, capture_attention(encoder) as cap, torch.no_grad():  # the bar ends its line before any error
@@ -118,16 +123,16 @@ def measure(encoder, loader, device, amp, embeddings=None):
             images = images.to(device, non_blocking=True)
             with autocast(device, amp):
                 tokens = encoder.forward_tokens(images)
-            stats.update(cap.records, prefix, grid, patch)
+            stats.update(cap.records, prefix, grid, patch, has_cls)
             missing = NUM_OVERLAYS - sum(map(len, overlay_images))
-            if missing > 0 and prefix:
+            if missing > 0 and has_cls:
                 last = cap.records[-1]["attn"][:missing]  # last block, head-averaged [cls] -> patch attention
                 overlay_images.append(images[:missing].cpu())
                 overlay_maps.append(last[:, :, 0, prefix:].mean(1).reshape(-1, *grid).cpu())
             if embeddings is not None:
-                embeddings.add(tokens, labels, prefix)
+                embeddings.add(tokens, labels, prefix, has_cls)
             bar.update(len(images))
-    if not prefix:
+    if not has_cls:
         return stats, None, None
     return stats, torch.cat(overlay_images), torch.cat(overlay_maps)
 
@@ -218,8 +223,11 @@ def main(args):
                               skip_bad_images=args.skip_bad_images)
     if len(dataset) == 0:
         raise UserError(f"no images found in {args.data_path} (pass --data_path a folder of images or samples)")
-    encoder = build_encoder(args.model, args.finetune, simmim=args.simmim, checkpoint_key=args.checkpoint_key,
-                            input_size=args.input_size, no_cls_token=args.no_cls_token).to(args.device)
+    with user_errors({FileNotFoundError: "check the --finetune path",
+                      NonFiniteWeights: "use a checkpoint saved before the run diverged",
+                      ValueError: "pick the --model that matches the checkpoint, or set --checkpoint_key"}):
+        encoder = build_encoder(args.model, args.finetune, simmim=args.simmim, checkpoint_key=args.checkpoint_key,
+                                input_size=args.input_size, no_cls_token=args.no_cls_token).to(args.device)
     loader = build_loader(dataset, args.batch_size, train=False, num_workers=args.num_workers,
                           pin_mem=args.device.startswith("cuda"))
     embeddings = EmbeddingSamples(args.seed) if args.draw_2d_embeddings else None
@@ -234,11 +242,13 @@ def main(args):
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)  # only our own files are (over)written below
-    metrics = metric_names(encoder.num_prefix_tokens > 0)
+    has_cls = bool(encoder.has_class_token)
+    metrics = metric_names(has_cls)
     metadata = dict(model=args.model, checkpoint=args.finetune or "random init", simmim=args.simmim,
                     checkpoint_key=args.checkpoint_key, data_path=str(args.data_path), images=stats.images,
                     input_size=args.input_size, patch_size=encoder.patch_size, grid=list(encoder.grid_size),
-                    num_prefix_tokens=encoder.num_prefix_tokens, depth=encoder.depth,
+                    num_prefix_tokens=encoder.num_prefix_tokens, has_cls_token=has_cls,
+                    num_reg_tokens=encoder.num_reg_tokens, depth=encoder.depth,
                     num_heads=encoder.blocks[0].attn.num_heads, amp=args.amp, device=args.device,
                     seconds=round(seconds, 2))
     write_tables(output_dir, results, metrics, metadata)
@@ -251,7 +261,7 @@ def main(args):
         plots.plot_attention_overlays(overlay_images, overlay_maps, pngs[-1],
                                       "[cls] attention of the last block, mean over heads")
     if embeddings is not None:
-        pngs += draw_tsne(output_dir, embeddings, dataset.classes, args.seed, encoder.num_prefix_tokens > 0)
+        pngs += draw_tsne(output_dir, embeddings, dataset.classes, args.seed, has_cls)
     log_to_dashboards(args, results, metrics, pngs)
     print(f"{stats.images} images in {seconds:.1f}s ({stats.images / max(seconds, 1e-9):.1f} img/s); "
           f"wrote {CSV_NAME}, {JSON_NAME} and {len(pngs)} plots to {output_dir}")

@@ -13,7 +13,7 @@ import torch
 
 import engine_linprobe as engine
 from heads import HEADS, HeadOptions, build_probe, resolve_head
-from models_vit import MODELS, build_encoder
+from models_vit import MODELS, NonFiniteWeights, architecture, build_encoder
 from util import dist
 from util.checkpoint import check_output_dir, load_checkpoint, save_atomic
 from util.data import build_dataset, build_loader, validate_num_classes
@@ -21,6 +21,12 @@ from util.errors import UserError, exit_on_user_error, user_errors
 from util.lars import LARS
 from util.lr_sched import scaled_lr
 from util.run_log import RunLog
+
+
+# build_encoder's exceptions at the command line; the first matching type wins
+ENCODER_REMEDIES = {FileNotFoundError: "check the --finetune path",
+                    NonFiniteWeights: "use a checkpoint saved before the run diverged",
+                    ValueError: "pick the --model that matches the checkpoint, or set --checkpoint_key"}
 
 
 def get_args_parser():
@@ -52,11 +58,16 @@ def get_args_parser():
     g.add_argument("--knn_temperature", default="0.07", help="temperatures of the k-NN sweep")
 
     m = p.add_argument_group("encoder")
-    m.add_argument("--model", default="vit_base_patch16", help="one of " + ", ".join(MODELS))
-    m.add_argument("--finetune", default="", help="MAE/SimMIM/timm checkpoint path, or a timm model name")
-    m.add_argument("--checkpoint_key", default="model")
-    m.add_argument("--simmim", action="store_true", help="the checkpoint is a SimMIM one")
-    m.add_argument("--no_cls_token", action="store_true", help="encoder trained without [cls] (I-JEPA style)")
+    m.add_argument("--model", default="vit_base_patch16",
+                   help="a preset (" + ", ".join(MODELS) + ") or a timm ViT/BEiT architecture name, "
+                        "e.g. vit_small_patch14_reg4_dinov2 or beitv2_base_patch16_224")
+    m.add_argument("--finetune", default="", help="checkpoint file of any supported release (layout recognised "
+                   "from the file; see README), or a timm pretrained name")
+    m.add_argument("--checkpoint_key", default="", help="sub-model or entry to read (default: the one the "
+                   "release evaluates, e.g. teacher, target_encoder, base_encoder)")
+    m.add_argument("--simmim", action="store_true", help="optional: insist that --finetune is a SimMIM/BEiT file")
+    m.add_argument("--no_cls_token", action="store_true", help="random encoder without [cls]; a checkpoint "
+                   "without one is recognised without it")
     m.add_argument("--input_size", type=int, default=224)
     m.add_argument("--return_block", type=int, default=None, help="probe the tokens after this block (0-based)")
     m.add_argument("--final_norm", action="store_true",
@@ -121,6 +132,14 @@ def check_args(args):
         if needs_cls:
             raise UserError(f"--cls_features {','.join(needs_cls)} reads [cls] but --no_cls_token is set "
                             "(use pos, abmilp or another patch-token head)")
+    with user_errors({ValueError: "pick a preset or a timm ViT/BEiT architecture as --model"}):
+        arch = architecture(args.model)
+    if args.input_size < 1 or args.input_size % arch["patch_size"]:
+        raise UserError(f"--input_size {args.input_size} is not divisible by the patch size {arch['patch_size']} "
+                        f"(use a multiple of {arch['patch_size']})")
+    if args.return_block is not None and not -arch["depth"] <= args.return_block < arch["depth"]:
+        raise UserError(f"--return_block {args.return_block} does not exist in the {arch['depth']}-block "
+                        f"{args.model} (use 0..{arch['depth'] - 1}, or -1 for the last)")
     if any(HEADS[h].needs_oracle for h in args.heads) and not args.oracle:
         raise UserError("--cls_features oracle needs --oracle (a checkpoint path or timm name, e.g. a DINO ViT-B/16)")
     if args.lr is not None:
@@ -159,7 +178,7 @@ def build_probe_set(args, encoder, nb_classes):
     for name, (head, _) in probe_names(args).items():
         torch.manual_seed(args.seed)
         probes[name] = build_probe(head, encoder.embed_dim, nb_classes, tuple(encoder.grid_size),
-                                   encoder.num_prefix_tokens, options)
+                                   encoder.num_prefix_tokens, options, has_cls=encoder.has_class_token)
     return engine.ProbeSet(probes)
 
 
@@ -201,9 +220,14 @@ def main(args):
     torch.manual_seed(args.seed)  # the same random-initialised encoder on every rank; loaders seed per rank
 
     # The checkpoint is read before the data is indexed: a wrong checkpoint fails in seconds, not minutes.
-    encoder = build_encoder(args.model, args.finetune, simmim=args.simmim, checkpoint_key=args.checkpoint_key,
-                            input_size=args.input_size, no_cls_token=args.no_cls_token, final_norm=args.final_norm,
-                            verbose=dist.is_main()).to(device)
+    with user_errors(ENCODER_REMEDIES):
+        encoder = build_encoder(args.model, args.finetune, simmim=args.simmim, checkpoint_key=args.checkpoint_key,
+                                input_size=args.input_size, no_cls_token=args.no_cls_token,
+                                final_norm=args.final_norm, verbose=dist.is_main()).to(device)
+    needs_cls = [h for h in args.heads if HEADS[h].needs_cls]
+    if needs_cls and not encoder.has_class_token:
+        raise UserError(f"--cls_features {','.join(needs_cls)} reads [cls] but the encoder of {args.finetune} has "
+                        "none (use pos, abmilp or another patch-token head)")
     if args.download and not dist.is_main():
         dist.barrier()  # the main process downloads first, the others then read its copy
     dataset_train = build_dataset(args.data_path, "train", args.input_size, download=args.download,
@@ -216,11 +240,13 @@ def main(args):
     nb_classes = args.nb_classes or len(dataset_train.classes)
     oracle = None
     if any(HEADS[h].needs_oracle for h in args.heads):
-        oracle = build_encoder(args.oracle_model or args.model, args.oracle, input_size=args.input_size,
-                               verbose=dist.is_main()).to(device)
-    tokens_fn = engine.FrozenTokens(encoder, block=args.return_block, oracle=oracle, device=device, amp=args.amp,
-                                    need_attention=any(HEADS[h].needs_attention for h in args.heads),
-                                    compile=args.compile)
+        with user_errors(ENCODER_REMEDIES):
+            oracle = build_encoder(args.oracle_model or args.model, args.oracle, input_size=args.input_size,
+                                   verbose=dist.is_main()).to(device)
+    with user_errors({ValueError: "pass an --oracle whose encoder has a [cls] token"}):
+        tokens_fn = engine.FrozenTokens(encoder, block=args.return_block, oracle=oracle, device=device,
+                                        amp=args.amp, need_attention=any(HEADS[h].needs_attention for h in args.heads),
+                                        compile=args.compile)
 
     probe_set = build_probe_set(args, encoder, nb_classes).to(device)
     config = run_config(args, nb_classes)
