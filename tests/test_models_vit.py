@@ -147,6 +147,11 @@ def test_ibot_training_checkpoint_with_layer_scale_and_ddp_teacher(tmp_path):
     x = images()
     with torch.no_grad():
         assert_matches("iBOT teacher", load(tmp_path / "ibot.pth").forward_tokens(x), ref.vit_forward(teacher, x, 2))
+    # iBOT's released backbones (checkpoint_teacher.pth): {'state_dict': the teacher backbone}
+    torch.save({"state_dict": teacher}, tmp_path / "checkpoint_teacher.pth")
+    with torch.no_grad():
+        assert_matches("iBOT released backbone", load(tmp_path / "checkpoint_teacher.pth").forward_tokens(x),
+                       ref.vit_forward(teacher, x, 2))
 
 
 # ---------------------------------------------------------------- MoCo v3
