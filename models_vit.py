@@ -111,8 +111,8 @@ def _as_encoder(net, name, final_norm=False):
     if cls is None or not all(type(b) is block and type(b.attn) is attention for b in net.blocks):
         kind = f"{type(net).__name__} with {type(net.blocks[0]).__name__} blocks" if hasattr(net, "blocks") else \
             type(net).__name__
-        raise ValueError(f"timm model '{name}' is a {kind}; supported are timm's VisionTransformer (plain blocks, "
-                         "registers, layer scale, no [cls]) and Beit")
+        raise ValueError(f"timm model '{name}' is built from {kind}; supported are timm's VisionTransformer "
+                         "(plain blocks, registers, layer scale, no [cls]) and Beit")
     net.__class__ = cls
     net.patch_size = net.patch_embed.patch_size[0]
     net.grid_size = tuple(net.patch_embed.grid_size)
@@ -237,7 +237,7 @@ def build_encoder(model, finetune="", *, checkpoint_key=None, input_size=224, no
         encoder = _random_encoder(model, spec, arch, input_size, no_cls_token, final_norm)
         summary = (f"random-initialised encoder {model} (no checkpoint given), {input_size}px, "
                    f"grid {encoder.grid_size}")
-    elif os.path.exists(finetune) or not timm.is_model(finetune) and _looks_like_path(finetune):
+    elif os.path.exists(finetune) or (_looks_like_path(finetune) and not timm.is_model(finetune)):
         encoder, summary = _load_file(model, arch, finetune, checkpoint_key, input_size, no_cls_token, final_norm,
                                       simmim)
     else:
@@ -272,8 +272,7 @@ def _new_encoder(model, arch, input_size, family, structure, final_norm):
 
 def _random_encoder(model, spec, arch, input_size, no_cls_token, final_norm):
     if model in MODELS:
-        structure = dict(class_token=spec["class_token"] if spec["class_token"] is not None else not no_cls_token)
-        return _new_encoder(model, arch, input_size, "vit", structure, final_norm)
+        return _new_encoder(model, arch, input_size, "vit", dict(class_token=not no_cls_token), final_norm)
     if no_cls_token and spec["class_token"]:
         raise ValueError(f"timm model '{model}' has a [cls] token; an encoder without one was asked for")
     return _new_encoder(model, arch, input_size, spec["family"], {}, final_norm)

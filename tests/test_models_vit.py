@@ -472,7 +472,7 @@ def test_architecture_of_presets_and_timm_names_without_weights():
     assert architecture("beitv2_base_patch16_224")["family"] == "beit"
     with pytest.raises(ValueError, match="unknown model 'resnet_nonsense'"):
         architecture("resnet_nonsense")
-    with pytest.raises(ValueError, match="'eva02_base_patch14_224' is a Eva"):
+    with pytest.raises(ValueError, match="'eva02_base_patch14_224' is built from Eva with EvaBlock blocks"):
         architecture("eva02_base_patch14_224")
 
 
