@@ -226,8 +226,8 @@ def main(args):
                                 final_norm=args.final_norm, verbose=dist.is_main()).to(device)
     needs_cls = [h for h in args.heads if HEADS[h].needs_cls]
     if needs_cls and not encoder.has_class_token:
-        raise UserError(f"--cls_features {','.join(needs_cls)} reads [cls] but the encoder of {args.finetune or args.model} has "
-                        "none (use pos, abmilp or another patch-token head)")
+        raise UserError(f"--cls_features {','.join(needs_cls)} reads [cls] but the encoder of "
+                        f"{args.finetune or args.model} has none (use pos, abmilp or another patch-token head)")
     if args.download and not dist.is_main():
         dist.barrier()  # the main process downloads first, the others then read its copy
     dataset_train = build_dataset(args.data_path, "train", args.input_size, download=args.download,
