@@ -38,7 +38,9 @@ class FrozenTokens:
         self.encode = encoder.forward_tokens
         if compile and not need_attention:
             self.encode = torch.compile(encoder.forward_tokens)
-        self.block = encoder.block_index(block)  # ValueError outside [-depth, depth - 1]: never wrapped
+        self.block = encoder.block_index(block)  # ValueError for a block the encoder does not have
+        if oracle is not None and not oracle.has_class_token:
+            raise ValueError("the oracle encoder has no [cls] token whose attention could weight the patches")
         self.need_attention = need_attention
         self.oracle = oracle
         self.device = device
@@ -99,7 +101,7 @@ def build_probe_set(probes, encoder, nb_classes, options: HeadOptions, seed):
     for spec in probes:
         torch.manual_seed(seed)
         built[spec.name] = build_probe(spec.head, encoder.embed_dim, nb_classes, tuple(encoder.grid_size),
-                                       encoder.num_prefix_tokens, options)
+                                       encoder.num_prefix_tokens, options, has_cls=encoder.has_class_token)
     return ProbeSet(built)
 
 

@@ -21,7 +21,7 @@ from abmilp import ACTIVATIONS, COND_CHOICES, CONTENT_CHOICES, SA_CHOICES, AbMIL
 @dataclass
 class TokenBatch:
     tokens: torch.Tensor                        # [B, T, D], T = num_prefix + H*W
-    num_prefix: int                             # [cls] (and register) tokens before the patches
+    num_prefix: int                             # [cls] (token 0, if any) and register tokens before the patches
     grid: Tuple[int, int]                       # (H, W) patches
     attn: Optional[torch.Tensor] = None         # [B, heads, T, T] attention of the block that made `tokens`
     oracle_attn: Optional[torch.Tensor] = None  # [B, N] oracle's [cls]->patch attention, mean over heads
@@ -367,9 +367,12 @@ class Probe(nn.Module):
 
 
 def build_probe(name: str, embed_dim: int, num_classes: int, grid: Tuple[int, int], num_prefix: int,
-                options: Optional[HeadOptions] = None) -> Probe:
+                options: Optional[HeadOptions] = None, has_cls: Optional[bool] = None) -> Probe:
+    """`num_prefix`: tokens before the patches ([cls] and registers); `has_cls`: whether token 0 is [cls]
+    (default: num_prefix > 0; an encoder with registers but no [cls] must say False)."""
     spec = resolve_head(name)
-    if spec.needs_cls and num_prefix == 0:
+    has_cls = num_prefix > 0 if has_cls is None else has_cls
+    if spec.needs_cls and not has_cls:
         raise ValueError(f"head {spec.name} reads the [cls] token but the encoder has none")
     options = options or HeadOptions()
     aggregation = spec.builder(embed_dim, tuple(grid), num_prefix, options)

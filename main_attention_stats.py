@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models_vit import build_encoder, capture_attention
+from models_vit import NonFiniteWeights, build_encoder, capture_attention
 from util import plots
 from util.amp import autocast
 from util.attention_metrics import AttentionStatsAccumulator, metric_names
@@ -65,10 +65,10 @@ class EmbeddingSamples:
         self.images, self.image_labels, self.tokens, self.token_labels = [], [], [], []
         self.generator = torch.Generator().manual_seed(seed)
 
-    def add(self, tokens, labels, num_prefix):
+    def add(self, tokens, labels, num_prefix, has_cls):
         tokens, labels = tokens.float().cpu(), labels.cpu()
         if sum(map(len, self.images)) < MAX_TSNE_IMAGES:
-            self.images.append(tokens[:, 0] if num_prefix else tokens.mean(1))
+            self.images.append(tokens[:, 0] if has_cls else tokens[:, num_prefix:].mean(1))
             self.image_labels.append(labels)
         if sum(map(len, self.tokens)) < MAX_TSNE_TOKENS:
             patches = tokens[:, num_prefix:]
@@ -87,6 +87,7 @@ def measure(encoder, loader, device, amp, embeddings=None):
     """Streams the loader through the encoder: (accumulator, overlay images, their [cls] maps or None)."""
     stats = AttentionStatsAccumulator()
     prefix, grid, patch = encoder.num_prefix_tokens, encoder.grid_size, encoder.patch_size
+    has_cls = bool(encoder.has_class_token)  # token 0; registers (if any) sit between it and the patches
     overlay_images, overlay_maps = [], []
     bar = tqdm(total=len(loader.dataset), unit="img", desc="attention stats", dynamic_ncols=True)
     with bar, capture_attention(encoder) as cap, torch.no_grad():  # the bar ends its line before any error
@@ -94,16 +95,16 @@ def measure(encoder, loader, device, amp, embeddings=None):
             images = images.to(device, non_blocking=True)
             with autocast(device, amp):
                 tokens = encoder.forward_tokens(images)
-            stats.update(cap.records, prefix, grid, patch)
+            stats.update(cap.records, prefix, grid, patch, has_cls)
             missing = NUM_OVERLAYS - sum(map(len, overlay_images))
-            if missing > 0 and prefix:
+            if missing > 0 and has_cls:
                 last = cap.records[-1]["attn"][:missing]  # last block, head-averaged [cls] -> patch attention
                 overlay_images.append(images[:missing].cpu())
                 overlay_maps.append(last[:, :, 0, prefix:].mean(1).reshape(-1, *grid).cpu())
             if embeddings is not None:
-                embeddings.add(tokens, labels, prefix)
+                embeddings.add(tokens, labels, prefix, has_cls)
             bar.update(len(images))
-    if not prefix:
+    if not has_cls:
         return stats, None, None
     return stats, torch.cat(overlay_images), torch.cat(overlay_maps)
 
@@ -193,6 +194,7 @@ def log_to_dashboards(config, results, metrics, pngs):
 # ------------------------------------------------------------------------------------------------ main
 
 ENCODER_REMEDIES = {FileNotFoundError: "check the --finetune path", IsADirectoryError: "pass a checkpoint file",
+                    NonFiniteWeights: "use a checkpoint saved before the run diverged",
                     ValueError: "pick the --model that matches the checkpoint, or set --checkpoint_key",
                     OSError: "check the --finetune path"}
 IMAGE_REMEDIES = {FileNotFoundError: "pass --data_path a folder of images, an ImageFolder, or samples",
@@ -230,12 +232,14 @@ def main(args):
         print(f"warning: skipped {bad} unreadable image(s)", file=sys.stderr)
 
     remove_stale_outputs(output_dir, OUTPUTS)  # only now: a failed run leaves the earlier results in place
-    metrics = metric_names(encoder.num_prefix_tokens > 0)
+    has_cls = bool(encoder.has_class_token)
+    metrics = metric_names(has_cls)
     enc = config.encoder
     metadata = dict(model=enc.model, checkpoint=enc.finetune or "random init", simmim=enc.simmim,
                     checkpoint_key=enc.checkpoint_key, data_path=config.data_path, images=stats.images,
                     input_size=enc.input_size, patch_size=encoder.patch_size, grid=list(encoder.grid_size),
-                    num_prefix_tokens=encoder.num_prefix_tokens, depth=encoder.depth,
+                    num_prefix_tokens=encoder.num_prefix_tokens, has_cls_token=has_cls,
+                    num_reg_tokens=encoder.num_reg_tokens, depth=encoder.depth,
                     num_heads=encoder.blocks[0].attn.num_heads, amp=config.amp, device=config.device,
                     seconds=round(seconds, 2))
     write_tables(output_dir, results, metrics, metadata)
@@ -248,7 +252,7 @@ def main(args):
         plots.plot_attention_overlays(overlay_images, overlay_maps, pngs[-1],
                                       "[cls] attention of the last block, mean over heads")
     if embeddings is not None:
-        pngs += draw_tsne(output_dir, embeddings, dataset.classes, config.seed, encoder.num_prefix_tokens > 0)
+        pngs += draw_tsne(output_dir, embeddings, dataset.classes, config.seed, has_cls)
     log_to_dashboards(config, results, metrics, pngs)
     print(f"{stats.images} images in {seconds:.1f}s ({stats.images / max(seconds, 1e-9):.1f} img/s); "
           f"wrote {CSV_NAME}, {JSON_NAME} and {len(pngs)} plots to {output_dir}")

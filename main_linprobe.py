@@ -17,7 +17,7 @@ import torch
 
 import engine_linprobe as engine
 from heads import HEADS, HeadOptions
-from models_vit import build_encoder
+from models_vit import NonFiniteWeights, build_encoder
 from util import dist
 from util.cli import add_encoder_arguments, add_runtime_arguments
 from util.cli import run as run_cli
@@ -100,9 +100,11 @@ def get_args_parser():
 
 # What a user should do when a library call fails for a reason they can fix (first matching type wins).
 ENCODER_REMEDIES = {FileNotFoundError: "check the --finetune path", IsADirectoryError: "pass a checkpoint file",
+                    NonFiniteWeights: "use a checkpoint saved before the run diverged",
                     ValueError: "pick the --model that matches the checkpoint, or set --checkpoint_key",
                     OSError: "check the --finetune path"}
 ORACLE_REMEDIES = {FileNotFoundError: "check the --oracle path", IsADirectoryError: "pass --oracle a checkpoint file",
+                   NonFiniteWeights: "use an --oracle checkpoint saved before its run diverged",
                    ValueError: "pick the --oracle_model that matches the --oracle checkpoint",
                    OSError: "check the --oracle path"}
 DATA_REMEDIES = {DatasetMissing: "pass --download to fetch it, or point --data_path at a copy",
@@ -182,6 +184,11 @@ def _run_locked(config, device):
     with user_errors(ENCODER_REMEDIES):
         encoder = build_encoder(config.encoder.model, config.encoder.finetune, verbose=dist.is_main(),
                                 **config.encoder.build_kwargs()).to(device)
+    needs_cls = [h for h in config.heads if HEADS[h].needs_cls]
+    if needs_cls and not encoder.has_class_token:
+        raise UserError(f"--cls_features {','.join(needs_cls)} reads [cls] but the encoder of "
+                        f"{config.encoder.finetune or config.encoder.model} has none (use pos, abmilp or another "
+                        "patch-token head)")
     oracle = None
     if config.oracle is not None:
         with user_errors(ORACLE_REMEDIES):
@@ -199,7 +206,7 @@ def _run_locked(config, device):
                         f"data (set --nb_classes to at least {len(classes)}, or leave it out to infer it)")
     nb_classes = config.nb_classes or len(classes)
 
-    with user_errors({ValueError: "pass a --return_block inside the encoder, or -1 for the last block"}):
+    with user_errors({ValueError: "pass a --return_block inside the encoder and an --oracle with a [cls] token"}):
         tokens_fn = engine.FrozenTokens(encoder, block=config.encoder.return_block, oracle=oracle, device=device,
                                         amp=config.amp, need_attention=config.needs_attention,
                                         compile=config.compile)

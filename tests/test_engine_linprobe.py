@@ -12,10 +12,12 @@ from torch.utils.data import TensorDataset
 
 import engine_linprobe as engine
 import main_linprobe
-from heads import HeadOptions, TokenBatch, build_probe
+import models_vit
+from heads import HEADS, HeadOptions, TokenBatch, build_probe
 from models_vit import build_encoder
 from util.config import resolve_linprobe
 from util.data import build_loader
+from util.errors import UserError
 
 NUM_CLASSES = 10
 NO_SCALING = torch.amp.GradScaler("cpu", enabled=False)  # fp32: the loop's scaler passes gradients through
@@ -274,3 +276,56 @@ def test_cached_eval_tokens_equal_fresh_ones_and_skip_the_encoder(encoder, datas
     for _ in range(2):
         assert engine.evaluate(tokens_fn, probe_set, loader, device="cpu", cache=tiny) == fresh
     assert tokens_fn.calls == 2 * len(loader)
+
+
+# timm architectures of each family, tiny, at an input size that gives a 4x4 patch grid (room for cp4/ca4)
+FAMILIES = {
+    "registers": ("vit_small_patch14_reg4_dinov2", dict(embed_dim=32, depth=2, num_heads=2), 56),
+    "relative position bias": ("beitv2_base_patch16_224", dict(patch_size=8, embed_dim=32, depth=2, num_heads=2), 32),
+    "registers, no [cls]": ("vit_medium_patch16_reg4_gap_256", dict(patch_size=8, embed_dim=32, depth=2,
+                                                                    num_heads=2), 32),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_head_runs_on_every_family(family):
+    name, arch, size = FAMILIES[family]
+    torch.manual_seed(0)
+    enc = build_encoder(name, input_size=size, verbose=False, **arch)
+    oracle = build_encoder("vit_tiny_patch16", input_size=size, patch_size=size // 4, embed_dim=32, depth=2,
+                           num_heads=2, verbose=False)
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+    batch = engine.FrozenTokens(enc, need_attention=True, oracle=oracle)(images)
+    tokens = enc.num_prefix_tokens + 16
+    assert batch.tokens.shape == (2, tokens, 32) and batch.attn.shape == (2, 2, tokens, tokens)
+    assert batch.num_prefix == enc.num_prefix_tokens and batch.patches.shape == (2, 16, 32)
+    for head, spec in HEADS.items():
+        if spec.needs_cls and not enc.has_class_token:
+            with pytest.raises(UserError, match="\\[cls\\]"):
+                build_probe(head, 32, 3, enc.grid_size, enc.num_prefix_tokens, has_cls=False)
+            continue
+        probe = build_probe(head, 32, 3, enc.grid_size, enc.num_prefix_tokens, has_cls=enc.has_class_token).eval()
+        logits = probe(batch)
+        assert logits.shape == (2, 3) and torch.isfinite(logits).all(), head
+        if probe.attention_map is not None:
+            assert probe.attention_map.shape[-1] == 16, head  # weights over the patches, never the registers
+
+
+def test_without_attention_heads_the_forward_stays_fused(monkeypatch):
+    name, arch, size = FAMILIES["relative position bias"]
+    enc = build_encoder(name, input_size=size, verbose=False, **arch)
+    images = torch.randn(2, 3, size, size)
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("attention probabilities were recomputed")
+    monkeypatch.setattr(models_vit, "attention_probabilities", no_capture)
+    assert engine.FrozenTokens(enc).__call__(images).attn is None
+    with pytest.raises(AssertionError, match="recomputed"):  # the attention-reading path does recompute them
+        engine.FrozenTokens(enc, need_attention=True)(images)
+
+
+def test_frozen_tokens_refuse_blocks_outside_the_encoder(encoder):
+    assert engine.FrozenTokens(encoder, block=-2).block == 0
+    for block in (2, -3):
+        with pytest.raises(ValueError, match=f"block {block} does not exist in a 2-block encoder"):
+            engine.FrozenTokens(encoder, block=block)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import (
     TINY,
@@ -22,6 +23,7 @@ from helpers import (
     snapshot,
     write_mae_checkpoint,
 )
+from models_vit import build_encoder
 
 STATS = ["--device", "cpu", "--num_workers", "0", "--model", "vit_tiny_patch16"]  # main_attention_stats.py
 
@@ -139,6 +141,30 @@ def checkpoint_of_another_architecture(tmp, shared):
     return Case(["--data_path", shared.data, "--finetune", small],
                 ["does not fit vit_tiny_patch16", "missing: blocks.",
                  "patch_embed.proj.weight (64, 3, 16, 16) vs (192, 3, 16, 16)"])
+
+
+@case
+def recognised_layout_of_another_architecture(tmp, shared):
+    # an I-JEPA training checkpoint (no [cls], patch 8, 64 wide, 2 blocks) probed as MAE's vit_tiny_patch16
+    torch.manual_seed(0)
+    encoder = build_encoder("vit_tiny_patch16", input_size=32, no_cls_token=True, patch_size=8, embed_dim=64,
+                            depth=2, num_heads=2, verbose=False).state_dict()
+    wrapped = {f"module.{k}": v for k, v in encoder.items()}
+    path = tmp / "IN1K-vit.h.14-300e.pth.tar"
+    torch.save({"encoder": wrapped, "target_encoder": wrapped, "predictor": {}, "epoch": 1}, path)
+    return Case(["--data_path", shared.data, "--finetune", path],
+                [f"I-JEPA checkpoint {path}, sub-model 'target_encoder'", "does not fit vit_tiny_patch16",
+                 "patch_embed.proj.weight (64, 3, 8, 8) vs (192, 3, 16, 16)", "--model"])
+
+
+@case
+def checkpoint_with_non_finite_weights(tmp, shared):
+    state = torch.load(shared.mae_checkpoint, weights_only=True)
+    state["model"]["blocks.3.mlp.fc2.weight"][0, 0] = float("nan")
+    path = tmp / "diverged.pth"
+    torch.save(state, path)
+    return Case(["--data_path", shared.data, "--finetune", path],
+                ["non-finite weights: blocks.3.mlp.fc2.weight (1 NaN, 0 inf)", "diverged"])
 
 
 @case

@@ -298,3 +298,13 @@ def test_describe_heads_counts_vit_b_parameters():
     assert rows["ep"].n_params == 32 * d + d * d
     assert rows["simpool"].n_params == 2 * d + 2 * d * d
     assert rows["map"].n_params == d + (d * d + d) + (2 * d * d + 2 * d)
+
+
+def test_registers_without_cls_refuse_cls_heads_and_never_count_as_patches():
+    batch = one_hot_batch(num_prefix=4)  # four registers, no [cls]
+    for name in ("cls", "both", "attn-mn", "attn-lcte"):
+        with pytest.raises(ValueError, match="\\[cls\\]"):
+            build_probe(name, 16, 4, GRID, 4, has_cls=False)
+    probe = build_probe("pos", 16, 4, GRID, 4, has_cls=False)
+    assert np.allclose(probe.aggregation(batch)[:, :N].numpy(), 1 / N)  # the mean of the N one-hot patches only
+    assert build_probe("cls", 16, 4, GRID, 5, has_cls=True).aggregation(batch).shape == (2, 16)

@@ -225,3 +225,32 @@ def test_a_reused_folder_holds_only_the_new_runs_outputs(tmp_path):
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == sorted(f"plot_{m}.png" for m in PATCH_METRICS)  # the stale [cls] plot and t-SNE are gone
     assert (out / "notes.txt").read_text() == "mine"  # files that are not ours stay
+
+
+@pytest.mark.parametrize("name,has_cls", [("vit_small_patch14_reg4_dinov2", True),
+                                          ("vit_medium_patch16_reg4_gap_256", False)])
+def test_register_encoders_keep_registers_out_of_cls_and_patches(name, has_cls):
+    """Token 0 is [cls] when there is one; registers are neither [cls] nor patches in any output."""
+    patch = 14 if "dinov2" in name else 8
+    size, prefix = 4 * patch, int(has_cls) + 4
+    torch.manual_seed(0)
+    encoder = build_encoder(name, input_size=size, patch_size=patch, embed_dim=32, depth=2, num_heads=2,
+                            verbose=False)
+    images = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(1))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.arange(5)), batch_size=5)
+    embeddings = main_attention_stats.EmbeddingSamples(0)
+    stats, _, maps = main_attention_stats.measure(encoder, loader, "cpu", "none", embeddings)
+    assert {k for k in stats.result()[1] if not k.endswith("_per_head")} == set(CLS_METRICS if has_cls
+                                                                                 else PATCH_METRICS)
+    with torch.no_grad():
+        tokens = encoder.forward_tokens(images)
+        last = encoder.blocks[-1]
+        x = last.norm1(encoder.forward_tokens(images, block=0))
+        q, k, _ = last.attn.qkv(x).reshape(5, 20 + int(has_cls), 3, 2, 16).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * 16 ** -0.5).softmax(-1)
+    features = torch.cat(embeddings.images)
+    if has_cls:
+        assert torch.allclose(features, tokens[:, 0], atol=1e-6)
+        assert torch.allclose(maps, attn[:, :, 0, prefix:].mean(1).reshape(5, 4, 4), atol=1e-6)
+    else:
+        assert maps is None and torch.allclose(features, tokens[:, prefix:].mean(1), atol=1e-6)

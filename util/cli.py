@@ -23,12 +23,15 @@ def add_encoder_arguments(parser, *, default_model="vit_base_patch16"):
     from models_vit import MODELS
 
     parser.add_argument("--model", default=default_model,
-                        help=f"architecture: one of {', '.join(MODELS)}, or a timm model name")
-    parser.add_argument("--finetune", default="", help="checkpoint file or timm pretrained name (default: random init)")
-    parser.add_argument("--checkpoint_key", default=None,
-                        help="entry of the checkpoint that holds the encoder (default: found from the file)")
-    parser.add_argument("--simmim", action="store_true", help="the checkpoint is a SimMIM/BEiT one")
-    parser.add_argument("--no_cls_token", action="store_true", help="the encoder has no [cls] token (I-JEPA style)")
+                        help="a preset (" + ", ".join(MODELS) + ") or a timm ViT/BEiT architecture name, e.g. "
+                             "vit_small_patch14_reg4_dinov2 or beitv2_base_patch16_224")
+    parser.add_argument("--finetune", default="", help="checkpoint file of any supported release (its layout is "
+                        "recognised from the file; see README), or a timm pretrained name (default: random init)")
+    parser.add_argument("--checkpoint_key", default="", help="sub-model or entry to read (default: the one the "
+                        "release evaluates, e.g. teacher, target_encoder, base_encoder)")
+    parser.add_argument("--simmim", action="store_true", help="optional: insist that --finetune is a SimMIM/BEiT file")
+    parser.add_argument("--no_cls_token", action="store_true", help="random encoder without [cls]; a checkpoint "
+                        "without one is recognised without this flag")
     parser.add_argument("--input_size", type=int, default=224, help="image side in pixels (a multiple of the patch)")
 
 

@@ -92,22 +92,28 @@ class EncoderSpec:
         return kwargs
 
 
+def model_architecture(model):
+    """models_vit.architecture for a --model value: sizes known without reading weights or downloading."""
+    from models_vit import architecture
+
+    try:
+        return architecture(model)
+    except ValueError as err:
+        raise UserError(f"{err} (pick a preset or a timm ViT/BEiT architecture as --model)") from None
+
+
 def resolve_encoder(args, *, with_block=True):
     """EncoderSpec from the encoder flags both entry points share; sizes checked against the architecture."""
-    from models_vit import MODELS
-
     require(args.input_size >= 1, f"--input_size {args.input_size} must be positive (e.g. --input_size 224)")
-    arch = MODELS.get(args.model)
-    if arch is not None:
-        patch = arch["patch_size"]
-        require(args.input_size % patch == 0, f"--input_size {args.input_size} is not divisible by the patch size "
-                                              f"{patch} of {args.model} (use a multiple of {patch})")
+    arch = model_architecture(args.model)
+    patch, depth = arch["patch_size"], arch["depth"]
+    require(args.input_size % patch == 0, f"--input_size {args.input_size} is not divisible by the patch size "
+                                          f"{patch} of {args.model} (use a multiple of {patch})")
     block = getattr(args, "return_block", None) if with_block else None
-    if block is not None and arch is not None:
-        depth = arch["depth"]
+    if block is not None:
         require(-depth <= block < depth, f"--return_block {block} does not exist in the {depth}-block {args.model} "
                                          f"(use 0..{depth - 1}, or -1 for the last block)")
-    return EncoderSpec(model=args.model, finetune=args.finetune, checkpoint_key=args.checkpoint_key,
+    return EncoderSpec(model=args.model, finetune=args.finetune, checkpoint_key=args.checkpoint_key or None,
                        simmim=args.simmim, no_cls_token=args.no_cls_token, input_size=args.input_size,
                        return_block=block, final_norm=bool(getattr(args, "final_norm", False)) and with_block)
 
@@ -189,20 +195,16 @@ def _probe_specs(heads, lrs, labels):
                  for head in heads for lr, label in zip(lrs, labels))
 
 
-def _head_options(args, encoder):
-    from models_vit import MODELS
-
+def _head_options(args, encoder, heads):
     options = HeadOptions.from_args(args)
     at_least(options.abmilp_depth, "--abmilp_depth", 1)
     at_least(options.ep_queries, "--ep_queries", 1)
     at_least(options.map_heads, "--map_heads", 1)
-    width = MODELS.get(encoder.model, {}).get("embed_dim")
-    if width is not None:
-        divisors = (("--ep_queries", options.ep_queries, "ep"), ("--map_heads", options.map_heads, "map"))
-        for flag, value, head in divisors:
-            if head in args.cls_features.split(","):
-                require(width % value == 0, f"{flag} {value} does not divide the width {width} of {encoder.model} "
-                                            f"(use a divisor of {width}, e.g. {_divisor_near(width, value)})")
+    width = model_architecture(encoder.model)["embed_dim"]
+    for flag, value, head in (("--ep_queries", options.ep_queries, "ep"), ("--map_heads", options.map_heads, "map")):
+        if head in heads:
+            require(width % value == 0, f"{flag} {value} does not divide the width {width} of {encoder.model} "
+                                        f"(use a divisor of {width}, e.g. {_divisor_near(width, value)})")
     return options
 
 
@@ -229,7 +231,10 @@ def resolve_linprobe(args, world_size=1):
         at_least(args.nb_classes, "--nb_classes", 1)
 
     encoder = resolve_encoder(args)
-    heads = [resolve_head(name).name for name in args.cls_features.split(",") if name.strip()]
+    try:
+        heads = [resolve_head(name).name for name in args.cls_features.split(",") if name.strip()]
+    except ValueError as err:
+        raise UserError(f"{err} (pass --cls_features one or more of them, comma-separated)") from None
     require(heads, "--cls_features is empty (name at least one head, e.g. --cls_features cls)")
     if encoder.no_cls_token:
         needs_cls = [h for h in heads if HEADS[h].needs_cls]
@@ -261,7 +266,7 @@ def resolve_linprobe(args, world_size=1):
 
     output_dir = args.output_dir.rstrip("/") + args.suffix if args.suffix else args.output_dir
     return LinprobeConfig(
-        encoder=encoder, probes=_probe_specs(heads, lrs, labels), head_options=_head_options(args, encoder),
+        encoder=encoder, probes=_probe_specs(heads, lrs, labels), head_options=_head_options(args, encoder, heads),
         oracle=oracle, nb_classes=args.nb_classes, data_path=str(args.data_path), download=args.download,
         augment=not args.no_augment, skip_bad_images=args.skip_bad_images, batch_size=args.batch_size,
         accum_iter=args.accum_iter, world_size=world_size, optimizer=args.optimizer, weight_decay=args.weight_decay,
