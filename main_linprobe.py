@@ -318,11 +318,11 @@ def _report_subset(selection, classes, shown=20):
     """The subset's size and images per class on stdout; classes short of K images in one warning line."""
     counts = [(classes[label], n) for label, n in selection.per_class.items()]
     if len(counts) <= shown:
-        per_class = ", ".join(f"{name} {n}" for name, n in counts)
+        per_class = ", ".join(f"{name}={n}" for name, n in counts)
     else:  # ImageNet: how many classes got each count (run.json lists every class)
         tally = sorted(Counter(n for _, n in counts).items())
         per_class = ", ".join(f"{n} images x {k} classes" for n, k in tally)
-    print(f"training subset {selection.describe()}; per class: {per_class}", flush=True)
+    print(f"training subset {selection.describe()}; images per class: {per_class}", flush=True)
     if selection.short_classes:
         names = [f"{classes[label]} ({selection.per_class.get(label, 0)})" for label in selection.short_classes]
         more = f" and {len(names) - 10} more" if len(names) > 10 else ""

@@ -301,6 +301,8 @@ def test_k_per_class_trains_on_k_images_of_each_class(shot_runs):
     assert per_class == {"class_0": 3, "class_1": 3, "class_2": 3, "class_3": 2}
     assert all((data / "train" / line).is_file() for line in listed)
     assert "training 1 probe(s) on 11 images, validating on 4" in done["one"].stdout
+    assert re.search(r"^training subset 3-shot \(seed 0\): 11 images, sha256 [0-9a-f]{16}; images per class: "
+                     r"class_0=3, class_1=3, class_2=3, class_3=2$", done["one"].stdout, re.M), done["one"].stdout
     warnings = [line for line in done["one"].stderr.splitlines() if line.startswith("warning:")]
     assert warnings == ["warning: 1 class(es) have fewer than 3 training images, all of theirs are used: "
                         "class_3 (2)"]

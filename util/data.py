@@ -170,7 +170,9 @@ class ImageFiles(Dataset):
         """Each image's path relative to `root` (the split's folder), '/'-separated: what train_subset.txt lists."""
         if self.root is None:
             raise ValueError("images read without a root folder have no relative sample ids")
-        return [Path(os.path.relpath(path, self.root)).as_posix() for path, _ in self.samples]
+        prefix = os.path.join(str(self.root), "")  # make_dataset joins root and name: a prefix cut suffices
+        return [(path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, self.root))
+                .replace(os.sep, "/") for path, _ in self.samples]
 
     def select(self, indices):
         """The images at `indices` as ImageFiles: an unreadable one is then replaced from the selection only."""
