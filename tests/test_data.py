@@ -328,6 +328,15 @@ def test_digits_subset_ids_name_the_train_split_index():
     assert torch.equal(three[0][0], whole[indices[0]][0])
 
 
+def test_sample_ids_number_images_without_a_root(tmp_path):
+    from util.data import ImageFiles, sample_ids
+
+    loose = ImageFiles([(str(tmp_path / "a.png"), 0), (str(tmp_path / "b" / "c.png"), 1)], ["x", "y"], None)
+    assert sample_ids(loose, f"generated:{tmp_path}", "train") == ["generated/train/0", "generated/train/1"]
+    rooted = ImageFiles(loose.samples, loose.classes, None, root=tmp_path)
+    assert sample_ids(rooted, tmp_path, "train") == ["a.png", "b/c.png"]
+
+
 # ----------------------------------------------------------------------------------------- image sets
 
 def test_samples_are_bundled_photos():

@@ -167,9 +167,10 @@ class ImageFiles(Dataset):
 
     @property
     def sample_ids(self):
-        """Each image's path relative to `root` (the split's folder), '/'-separated: what train_subset.txt lists."""
+        """Each image's path relative to `root` (the split's folder), '/'-separated: what train_subset.txt lists.
+        None without a root (images gathered from anywhere): `sample_ids` then numbers them."""
         if self.root is None:
-            raise ValueError("images read without a root folder have no relative sample ids")
+            return None
         prefix = os.path.join(str(self.root), "")  # make_dataset joins root and name: a prefix cut suffices
         return [(path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, self.root))
                 .replace(os.sep, "/") for path, _ in self.samples]
