@@ -275,7 +275,9 @@ def write_run_info(output_dir, *, config, identity, classes, selection=None):
     """run.json (the resolved configuration, the experiment identity, and the training subset's size and
     images per class: what collect_results.py reads) and, when training on a subset, train_subset.txt."""
     subset = None
-    if selection is not None:
+    if selection is None:  # an explicit --resume of a subset run on the whole split: no stale list stays behind
+        (Path(output_dir) / SUBSET_LIST).unlink(missing_ok=True)
+    else:
         write_text_atomic(Path(output_dir) / SUBSET_LIST, selection.listing)
         subset = {"label": selection.subset.label, "images": len(selection.indices), "sha256": selection.digest,
                   "per_class": {classes[label]: n for label, n in selection.per_class.items()}}
