@@ -17,7 +17,6 @@ from heads import HEADS, HeadOptions, TokenBatch, build_probe
 from models_vit import build_encoder
 from util.config import resolve_linprobe
 from util.data import build_loader
-from util.errors import UserError
 
 NUM_CLASSES = 10
 NO_SCALING = torch.amp.GradScaler("cpu", enabled=False)  # fp32: the loop's scaler passes gradients through
@@ -301,7 +300,7 @@ def test_every_head_runs_on_every_family(family):
     assert batch.num_prefix == enc.num_prefix_tokens and batch.patches.shape == (2, 16, 32)
     for head, spec in HEADS.items():
         if spec.needs_cls and not enc.has_class_token:
-            with pytest.raises(UserError, match="\\[cls\\]"):
+            with pytest.raises(ValueError, match="\\[cls\\]"):
                 build_probe(head, 32, 3, enc.grid_size, enc.num_prefix_tokens, has_cls=False)
             continue
         probe = build_probe(head, 32, 3, enc.grid_size, enc.num_prefix_tokens, has_cls=enc.has_class_token).eval()
