@@ -129,8 +129,9 @@ ORACLE_REMEDIES = {FileNotFoundError: "check the --oracle path", IsADirectoryErr
                    ValueError: "pick the --oracle_model that matches the --oracle checkpoint",
                    OSError: "check the --oracle path"}
 DATA_REMEDIES = {UnknownSampleNames: "fix the --train_list file, or pass the --data_path it was written for",
-                 DatasetNotDownloadable: "copy the dataset into that folder by hand (see README, Low-shot and "
-                                         "fine-grained probing), or pass --data_path name:/root of a copy",
+                 DatasetNotDownloadable: "copy the dataset into that folder by hand, in the layout README's "
+                                         "'Low-shot and fine-grained probing' shows, or pass --data_path "
+                                         "name:/root of a copy",
                  DatasetMissing: "pass --download to fetch it, or point --data_path name:/root at a copy",
                  FileNotFoundError: "pass --data_path an ImageFolder root with train/<class>/ and val/<class>/, "
                                     "or digits, " + ", ".join(TORCHVISION_SETS),
