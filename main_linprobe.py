@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,7 +23,15 @@ from util import dist
 from util.cli import add_encoder_arguments, add_runtime_arguments
 from util.cli import run as run_cli
 from util.config import resolve_linprobe
-from util.data import BadImageError, DatasetMissing, build_dataset, build_loader, find_bad_image
+from util.data import (
+    TORCHVISION_SETS,
+    BadImageError,
+    DatasetMissing,
+    DatasetNotDownloadable,
+    build_dataset,
+    build_loader,
+    find_bad_image,
+)
 from util.errors import UserError, user_errors
 from util.knn import knn_rows
 from util.run_log import RunLog
@@ -38,7 +47,9 @@ from util.run_state import (
     prepare_output_dir,
     read_heads_for_eval,
     write_results,
+    write_run_info,
 )
+from util.subsets import UnknownSampleNames
 
 
 def get_args_parser():
@@ -81,9 +92,19 @@ def get_args_parser():
     HeadOptions.add_arguments(h)
 
     d = p.add_argument_group("data and output")
-    d.add_argument("--data_path", default="digits", help="ImageFolder root with train/ and val/, or digits, "
-                   "stl10, cifar10, cifar100")
-    d.add_argument("--download", action="store_true", help="allow torchvision to download STL10/CIFAR")
+    d.add_argument("--data_path", default="digits", help="ImageFolder root with train/ and val/, or digits, or "
+                   "one of " + ", ".join(TORCHVISION_SETS) + " (optionally name:/root)")
+    d.add_argument("--download", action="store_true", help="allow torchvision to download a named dataset")
+    d.add_argument("--train_per_class", type=int, default=None, metavar="K",
+                   help="train on K images per class, drawn with --subset_seed")
+    d.add_argument("--train_fraction", type=float, default=None, metavar="P",
+                   help="train on a stratified fraction P (0 < P <= 1) of each class, drawn with --subset_seed")
+    d.add_argument("--train_list", default=None, metavar="FILE",
+                   help="train on the images listed in FILE (one path per line, relative to the train folder, or "
+                        "bare file names as in the ImageNet 1%%/10%% split files)")
+    d.add_argument("--subset_seed", type=int, default=None,
+                   help="seed of --train_per_class / --train_fraction (default 0); the run's --seed does not change "
+                        "the subset")
     d.add_argument("--no_augment", action="store_true",
                    help="train on the deterministic val transform (no random crop/flip)")
     d.add_argument("--skip_bad_images", action="store_true", help="skip unreadable images with a warning")
@@ -107,9 +128,13 @@ ORACLE_REMEDIES = {FileNotFoundError: "check the --oracle path", IsADirectoryErr
                    NonFiniteWeights: "use an --oracle checkpoint saved before its run diverged",
                    ValueError: "pick the --oracle_model that matches the --oracle checkpoint",
                    OSError: "check the --oracle path"}
-DATA_REMEDIES = {DatasetMissing: "pass --download to fetch it, or point --data_path at a copy",
+DATA_REMEDIES = {UnknownSampleNames: "fix the --train_list file, or pass the --data_path it was written for",
+                 DatasetNotDownloadable: "copy the dataset into that folder by hand, in the layout README's "
+                                         "'Low-shot and fine-grained probing' shows, or pass --data_path "
+                                         "name:/root of a copy",
+                 DatasetMissing: "pass --download to fetch it, or point --data_path name:/root at a copy",
                  FileNotFoundError: "pass --data_path an ImageFolder root with train/<class>/ and val/<class>/, "
-                                    "or digits, stl10, cifar10, cifar100",
+                                    "or digits, " + ", ".join(TORCHVISION_SETS),
                  BadImageError: "remove or replace the file, or pass --skip_bad_images",
                  ValueError: "fix the folder named, or pass another --data_path",
                  OSError: "check the network, or copy the dataset there by hand"}
@@ -162,9 +187,11 @@ def _take_output_dir(output_dir):
 
 
 def _build_data(config, split, augment=True):
+    """One split; the train split is the chosen subset when there is one (also for k-NN)."""
     with user_errors(DATA_REMEDIES):
         return build_dataset(config.data_path, split, config.encoder.input_size, download=config.download,
-                             skip_bad_images=config.skip_bad_images, augment=augment)
+                             skip_bad_images=config.skip_bad_images, augment=augment,
+                             subset=config.train_subset if split == "train" else None)
 
 
 def _run(config, device):
@@ -201,6 +228,9 @@ def _run_locked(config, device):
     if config.download and dist.is_main():
         dist.barrier()
     classes = list(dataset_train.classes)
+    selection = getattr(dataset_train, "selection", None)
+    if selection is not None and dist.is_main():
+        _report_subset(selection, classes)
     if config.nb_classes is not None and config.nb_classes < len(classes):
         raise UserError(f"--nb_classes {config.nb_classes} is smaller than the {len(classes)} classes found in the "
                         f"data (set --nb_classes to at least {len(classes)}, or leave it out to infer it)")
@@ -219,12 +249,16 @@ def _run_locked(config, device):
     identity = experiment_identity(
         config, encoder_source=dist.on_main(fingerprint, config.encoder.finetune),
         oracle_source=dist.on_main(fingerprint, config.oracle.finetune) if config.oracle else None,
-        classes=classes, nb_classes=nb_classes)
+        classes=classes, nb_classes=nb_classes, train_subset=selection.describe() if selection else "full")
     state = RunState(config.output_dir, identity, [p.name for p in config.probes])
     state.start_epoch = config.start_epoch
     if config.eval_only:
         return _evaluate_saved_heads(config, state, tokens_fn, probe_set, dataset_val, device, distributed)
     _resume(config, state, probe_set, optimizer, scaler)
+    if dist.is_main():  # only now: a refused resume leaves the folder as it was
+        with user_errors(SAVE_REMEDIES):
+            write_run_info(config.output_dir, config=config.to_dict(), identity=identity, classes=classes,
+                           selection=selection)
 
     if config.affinity_hack and hasattr(os, "sched_setaffinity"):
         # Launchers may pin each rank to one core; forked data workers inherit this wider mask instead.
@@ -279,6 +313,22 @@ def _run_locked(config, device):
         if state.best[top]["epoch"] >= 0:
             print(f"done in {time.time() - start:.0f}s: best acc1 {state.best[top]['acc1']:.2f} ({top}, epoch "
                   f"{state.best[top]['epoch']}); heads saved in {Path(config.output_dir) / BEST}")
+
+
+def _report_subset(selection, classes, shown=20):
+    """The subset's size and images per class on stdout; classes short of K images in one warning line."""
+    counts = [(classes[label], n) for label, n in selection.per_class.items()]
+    if len(counts) <= shown:
+        per_class = ", ".join(f"{name}={n}" for name, n in counts)
+    else:  # ImageNet: how many classes got each count (run.json lists every class)
+        tally = sorted(Counter(n for _, n in counts).items())
+        per_class = ", ".join(f"{n} images x {k} classes" for n, k in tally)
+    print(f"training subset {selection.describe()}; images per class: {per_class}", flush=True)
+    if selection.short_classes:
+        names = [f"{classes[label]} ({selection.per_class.get(label, 0)})" for label in selection.short_classes]
+        more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+        print(f"warning: {len(names)} class(es) have fewer than {selection.subset.value} training images, all of "
+              f"theirs are used: {', '.join(names[:10])}{more}", file=sys.stderr, flush=True)
 
 
 def _train_epoch(config, tokens_fn, model, loader, optimizer, scaler, epoch, device):

@@ -1,16 +1,20 @@
 """Datasets, transforms, loaders and their one-line errors, on images made in tmp_path (no downloads)."""
 import collections
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import fake_datasets
 from util import data
 from util.data import (
+    NAMED_SETS,
     BadImageError,
     DatasetMissing,
+    DatasetNotDownloadable,
     DownloadFailed,
     build_dataset,
     build_image_set,
@@ -18,6 +22,7 @@ from util.data import (
     build_transform,
     find_bad_image,
 )
+from util.subsets import FRACTION, LIST, PER_CLASS, TrainSubset
 
 S = 32
 
@@ -227,6 +232,109 @@ def test_torchvision_download_failure(tmp_path, monkeypatch):
     monkeypatch.setattr(data.datasets, "CIFAR100", offline)
     with pytest.raises(DownloadFailed, match="could not be downloaded"):
         build_dataset(f"cifar100:{tmp_path}", "train", S, download=True)
+
+
+@pytest.mark.parametrize("name", list(fake_datasets.WRITERS))
+def test_named_dataset_is_read_from_its_official_layout(name, tmp_path, monkeypatch):
+    fake_datasets.without_checksums(monkeypatch)
+    expected = fake_datasets.WRITERS[name](tmp_path)
+    train = build_dataset(f"{name}:{tmp_path}", "train", S)
+    val = build_dataset(f"{name}:{tmp_path}", "val", S)
+    assert len(train.classes) == expected["classes"] and val.classes == train.classes
+    assert (len(train), len(val)) == (expected["train"], expected["val"])
+    assert val.targets == expected["val_labels"]
+    assert all(isinstance(label, int) for label in train.targets)
+    image_id, label = expected["example"]
+    assert len(set(train.sample_ids)) == len(train)
+    assert train.targets[train.sample_ids.index(image_id)] == label
+    image, first_label = train[0]
+    assert image.shape == (3, S, S) and first_label == train.targets[0]
+    assert val[len(val) - 1][0].shape == (3, S, S)
+    one_each = build_dataset(f"{name}:{tmp_path}", "train", S, subset=TrainSubset(PER_CLASS, 1, 0))
+    assert sorted(one_each.targets) == sorted(set(train.targets))
+    assert set(one_each.selection.ids) <= set(train.sample_ids)
+
+
+@pytest.mark.parametrize("name", list(NAMED_SETS))
+def test_named_dataset_absent_offline_names_the_folder_looked_in(name, tmp_path):
+    missing = DatasetMissing if NAMED_SETS[name].downloadable else DatasetNotDownloadable
+    with pytest.raises(missing) as info:
+        build_dataset(f"{name}:{tmp_path}", "train", S)
+    assert str(tmp_path / NAMED_SETS[name].folder) in str(info.value)
+
+
+def test_stanford_cars_is_never_downloaded(tmp_path, monkeypatch):
+    def network(*args, **kwargs):
+        raise AssertionError("torchvision was asked to download Stanford Cars")
+
+    monkeypatch.setattr(data.datasets, "StanfordCars", network)
+    with pytest.raises(DatasetNotDownloadable, match="stanford_cars"):
+        build_dataset(f"cars:{tmp_path}", "train", S, download=True)
+
+
+def test_named_dataset_folder_that_cannot_be_read(tmp_path, monkeypatch):
+    fake_datasets.without_checksums(monkeypatch)
+    fake_datasets.flowers102(tmp_path)
+    (tmp_path / "flowers-102" / "setid.mat").unlink()
+    with pytest.raises(DatasetMissing, match="flowers-102 cannot be read"):
+        build_dataset(f"flowers102:{tmp_path}", "val", S)
+
+
+# ----------------------------------------------------------------------------------------- train subsets
+
+def _unbalanced_folder(root, sizes):
+    for c, n in enumerate(sizes):
+        for i in range(n):
+            _save(root / "train" / f"class_{c}" / f"{i}.png", size=(8, 8), seed=c * 100 + i)
+        _save(root / "val" / f"class_{c}" / "0.png", size=(8, 8), seed=c)
+    return root
+
+
+def test_fraction_of_an_unbalanced_folder_keeps_each_class_share(tmp_path):
+    sizes = [1, 4, 7, 10, 13]
+    root = _unbalanced_folder(tmp_path / "data", sizes)
+    half = build_dataset(root, "train", S, subset=TrainSubset(FRACTION, 0.5, 0))
+    counts = collections.Counter(half.targets)
+    for label, n in enumerate(sizes):
+        assert abs(counts[label] - 0.5 * n) < 1, (label, counts[label], n)  # within one image of its share
+    assert half.selection.per_class == dict(counts)
+    assert half.selection.ids == tuple(sorted(half.selection.ids))
+    assert all(i.startswith(f"class_{label}/") for i, label in zip(sorted(half.selection.ids), sorted(half.targets)))
+    assert len(build_dataset(root, "val", S)) == len(sizes)  # validation is never subsampled
+    with pytest.raises(ValueError, match="train split only"):
+        build_dataset(root, "val", S, subset=TrainSubset(FRACTION, 0.5, 0))
+
+
+def test_subset_of_an_image_folder_reads_only_its_images(tmp_path):
+    root = _unbalanced_folder(tmp_path / "data", [3, 3])
+    listed = tmp_path / "list.txt"
+    listed.write_text("class_0/2.png\n1.png\n")  # a relative path, and a bare name found in two classes
+    with pytest.raises(ValueError, match="1.png"):
+        build_dataset(root, "train", S, subset=TrainSubset(LIST, str(listed), None))
+    listed.write_text("class_0/2.png\nclass_1/1.png\n")
+    chosen = build_dataset(root, "train", S, subset=TrainSubset(LIST, str(listed), None))
+    assert [Path(path).relative_to(root / "train").as_posix() for path, _ in chosen.samples] == \
+        ["class_0/2.png", "class_1/1.png"]
+    assert chosen.targets == [0, 1] and chosen[1][0].shape == (3, S, S)
+
+
+def test_digits_subset_ids_name_the_train_split_index():
+    three = build_dataset("digits", "train", S, augment=False, subset=TrainSubset(PER_CLASS, 3, 0))
+    whole = build_dataset("digits", "train", S, augment=False)
+    assert len(three) == 30 and collections.Counter(three.targets) == {d: 3 for d in range(10)}
+    assert all(i.startswith("digits/train/") for i in three.selection.ids)
+    indices = sorted(int(i.rsplit("/", 1)[1]) for i in three.selection.ids)
+    assert [whole.targets[i] for i in indices] == three.targets  # the subset keeps the split's order
+    assert torch.equal(three[0][0], whole[indices[0]][0])
+
+
+def test_sample_ids_number_images_without_a_root(tmp_path):
+    from util.data import ImageFiles, sample_ids
+
+    loose = ImageFiles([(str(tmp_path / "a.png"), 0), (str(tmp_path / "b" / "c.png"), 1)], ["x", "y"], None)
+    assert sample_ids(loose, f"generated:{tmp_path}", "train") == ["generated/train/0", "generated/train/1"]
+    rooted = ImageFiles(loose.samples, loose.classes, None, root=tmp_path)
+    assert sample_ids(rooted, tmp_path, "train") == ["a.png", "b/c.png"]
 
 
 # ----------------------------------------------------------------------------------------- image sets

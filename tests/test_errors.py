@@ -107,6 +107,25 @@ def corrupt_image_in_a_worker(tmp, shared):
 
 
 @case
+def named_dataset_absent_offline(tmp, shared):
+    return Case(["--data_path", f"flowers102:{tmp / 'datasets'}"],
+                [f"flowers102 not found under {tmp / 'datasets'}", str(tmp / "datasets" / "flowers-102"), "--download"])
+
+
+@case
+def stanford_cars_absent(tmp, shared):
+    return Case(["--data_path", f"cars:{tmp}", "--download"], [str(tmp / "stanford_cars"), "by hand"])
+
+
+@case
+def train_list_naming_images_the_data_lacks(tmp, shared):
+    listed = tmp / "1percent.txt"
+    listed.write_text("class_0/img_0.png\n" + "".join(f"n0144076{i}_10026.JPEG\n" for i in range(7)))
+    return Case(["--data_path", shared.data, "--train_list", listed],
+                ["7 of the 8 images listed", "n01440760_10026.JPEG", "and 2 more", "--train_list"])
+
+
+@case
 def nb_classes_smaller_than_the_data(tmp, shared):
     return Case(["--data_path", shared.data, "--nb_classes", 1], ["--nb_classes 1", "2 classes"])
 
@@ -255,6 +274,13 @@ def auto_resume_with_another_input_size(tmp, shared):
 def auto_resume_with_another_encoder(tmp, shared):
     return Case(["--data_path", shared.data, "--cls_features", "cls", "--finetune", shared.mae_checkpoint,
                  "--output_dir", copy_previous(tmp, shared)], ["encoder='random init'"], sentinel=False)
+
+
+@case
+def auto_resume_with_a_training_subset(tmp, shared):
+    return Case(["--data_path", shared.data, "--cls_features", "cls", "--train_per_class", 2, "--output_dir",
+                 copy_previous(tmp, shared)], ["train_subset='full'", "train_subset='2-shot (seed 0): 4 images",
+                                              "--resume"], sentinel=False)
 
 
 @case

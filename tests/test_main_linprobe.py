@@ -250,3 +250,104 @@ def test_eval_without_a_checkpoint_is_a_user_error(tmp_path):
     assert done.returncode == 2, done.stdout[-1000:] + done.stderr[-1000:]
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "--eval" in done.stderr
+
+
+# ------------------------------------------------------------------------------------------- low-shot subsets
+
+SHOT_SIZES = {"class_0": 5, "class_1": 4, "class_2": 6, "class_3": 2}  # class_3 has fewer than 3
+SHOT = ["--model", "vit_tiny_patch16", "--input_size", "32", "--device", "cpu", "--num_workers", "0",
+        "--batch_size", "4", "--warmup_epochs", "1", "--train_per_class", "3"]
+
+
+def _shot_folder(root):
+    from helpers import make_image
+
+    for split in ("train", "val"):
+        for c, (name, n) in enumerate(SHOT_SIZES.items()):
+            for j in range(n if split == "train" else 1):
+                (root / split / name).mkdir(parents=True, exist_ok=True)
+                make_image(16, c * 100 + j, c).save(root / split / name / f"img_{j}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shot_runs(tmp_path_factory):
+    """The same --train_per_class 3 drawn by runs that differ in everything but the subset seed, and another seed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path_factory.mktemp("shots")
+    data = _shot_folder(root / "data")
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    runs = {"one": ([*SHOT, "--cls_features", "cls", "--blr", "50", "--epochs", "1"], ()),
+            "ddp": ([*SHOT, "--cls_features", "pos,abmilp", "--blr", "10,20", "--seed", "7", "--epochs", "1",
+                     "--subset_seed", "0"], torchrun),
+            "seed1": ([*SHOT, "--subset_seed", "1", "--epochs", "0", "--knn", "--knn_k", "2"], ())}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run, *flags, "--data_path", data, "--output_dir", root / name, launcher=launcher)
+                   for name, (flags, launcher) in runs.items()}
+        done = {name: future.result() for name, future in futures.items()}
+    return data, root, done
+
+
+def subset_listing(folder):
+    return (Path(folder) / "train_subset.txt").read_text().splitlines()
+
+
+def test_k_per_class_trains_on_k_images_of_each_class(shot_runs):
+    data, root, done = shot_runs
+    listed = subset_listing(root / "one")
+    assert listed == sorted(listed) and len(listed) == len(set(listed))
+    per_class = {name: sum(line.startswith(f"{name}/") for line in listed) for name in SHOT_SIZES}
+    assert per_class == {"class_0": 3, "class_1": 3, "class_2": 3, "class_3": 2}
+    assert all((data / "train" / line).is_file() for line in listed)
+    assert "training 1 probe(s) on 11 images, validating on 4" in done["one"].stdout
+    assert re.search(r"^training subset 3-shot \(seed 0\): 11 images, sha256 [0-9a-f]{16}; images per class: "
+                     r"class_0=3, class_1=3, class_2=3, class_3=2$", done["one"].stdout, re.M), done["one"].stdout
+    warnings = [line for line in done["one"].stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: 1 class(es) have fewer than 3 training images, all of theirs are used: "
+                        "class_3 (2)"]
+    info = json.loads((root / "one" / "run.json").read_text())
+    assert info["train_subset"]["per_class"] == per_class and info["train_subset"]["images"] == 11
+
+
+def test_the_subset_is_the_same_whatever_the_heads_lrs_seed_and_processes(shot_runs):
+    _, root, _ = shot_runs
+    assert subset_listing(root / "ddp") == subset_listing(root / "one")
+    assert subset_listing(root / "seed1") != subset_listing(root / "one")
+    identities = [json.loads((root / name / "run.json").read_text())["identity"]["train_subset"]
+                  for name in ("one", "ddp", "seed1")]
+    assert identities[0] == identities[1] != identities[2]
+    assert identities[0].startswith("3-shot (seed 0): 11 images, sha256 ")
+
+
+def test_knn_uses_the_training_subset(shot_runs):
+    _, root, done = shot_runs
+    assert len(subset_listing(root / "seed1")) == 11
+    rows = json.loads((root / "seed1" / "results.json").read_text())
+    assert {r["probe"] for r in rows} == {"knn_cls_k2_T0.07", "knn_mean_k2_T0.07"}
+
+
+def test_collect_results_tables_the_real_runs(shot_runs, tmp_path):
+    import shutil
+
+    _, root, _ = shot_runs
+    unfinished = Path(shutil.copytree(root / "one", tmp_path / "unfinished", ignore=shutil.ignore_patterns(".lock")))
+    (unfinished / "results.json").unlink()
+    folders = [root / "one", root / "ddp", root / "seed1", unfinished]
+    done = subprocess.run([sys.executable, "collect_results.py", *map(str, folders)], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+    def best(folder, head):
+        return max(r["best_acc1"] for r in json.loads((folder / "results.json").read_text()) if r["head"] == head)
+
+    # the 1- and 2-process runs share a row (same encoder, data and subset; different heads)
+    assert done.stdout.splitlines()[:4] == [
+        "| encoder | dataset | train subset | cls | pos | abmilp | knn-cls | knn-mean | runs |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| random vit_tiny_patch16 | data | 3-shot (seed 0) | {best(root / 'one', 'cls'):.2f} | "
+        f"{best(root / 'ddp', 'pos'):.2f} | {best(root / 'ddp', 'abmilp'):.2f} | - | - | "
+        f"{root / 'one'}, {root / 'ddp'} |",
+        f"| random vit_tiny_patch16 | data | 3-shot (seed 1) | - | - | - | {best(root / 'seed1', 'knn-cls'):.2f} | "
+        f"{best(root / 'seed1', 'knn-mean'):.2f} | {root / 'seed1'} |"]
+    assert done.stdout.splitlines()[-1] == f"- {unfinished}: unfinished (1 of 1 epochs logged, no results.json)"

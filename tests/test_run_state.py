@@ -117,3 +117,20 @@ def test_log_drops_epochs_after_the_checkpoint(tmp_path):
     log.write_text("".join(json.dumps({"epoch": e, "x": e}) + "\n" for e in range(5)))
     truncate_log(log, 2)
     assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [0, 1, 2]
+
+
+def test_run_info_lists_the_subset_and_removes_a_stale_list(tmp_path):
+    from util.run_state import write_run_info
+    from util.subsets import PER_CLASS, TrainSubset, select
+
+    selection = select(["b/2.png", "a/1.png", "b/1.png"], [1, 0, 1], TrainSubset(PER_CLASS, 1, 0))
+    write_run_info(tmp_path, config={"epochs": 1}, identity={"train_subset": selection.describe()},
+                   classes=["a", "b"], selection=selection)
+    listed = (tmp_path / "train_subset.txt").read_text().splitlines()
+    assert len(listed) == 2 and listed[0] == "a/1.png" and listed[1] in ("b/1.png", "b/2.png")
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["train_subset"]["per_class"] == {"a": 1, "b": 1} and info["train_subset"]["images"] == 2
+    assert info["config"] == {"epochs": 1}
+    write_run_info(tmp_path, config={"epochs": 2}, identity={"train_subset": "full"}, classes=["a", "b"])
+    assert not (tmp_path / "train_subset.txt").exists()
+    assert json.loads((tmp_path / "run.json").read_text())["train_subset"] is None

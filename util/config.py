@@ -14,8 +14,9 @@ import torch
 from heads import HEADS, HeadOptions, resolve_head
 from util.errors import UserError
 from util.lr_sched import WarmupCosine, scaled_lr
+from util.subsets import FRACTION, LIST, PER_CLASS, TrainSubset
 
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3  # 3: train_subset
 MAX_SEED = 2 ** 32 - 1  # numpy's SeedSequence and DataLoader worker seeds need a 32-bit non-negative seed
 
 
@@ -161,6 +162,7 @@ class LinprobeConfig:
     cache_eval_gib: float = 0.0
     compile: bool = False
     knn: Optional[KnnSpec] = None
+    train_subset: Optional[TrainSubset] = None
     num_workers: int = 8
     pin_mem: bool = True
     affinity_hack: bool = False
@@ -210,6 +212,36 @@ def _head_options(args, encoder, heads):
 
 def _divisor_near(width, value):
     return min((d for d in range(1, width + 1) if width % d == 0), key=lambda d: abs(d - value))
+
+
+SUBSET_FLAGS = ("--train_per_class", "--train_fraction", "--train_list")
+
+
+def resolve_train_subset(args):
+    """The TrainSubset of --train_per_class / --train_fraction / --train_list (at most one) and --subset_seed;
+    None trains on the whole train split."""
+    given = [flag for flag in SUBSET_FLAGS if getattr(args, flag[2:]) is not None]
+    require(len(given) <= 1, f"{' and '.join(given)} cannot be combined: each chooses the training images (pass "
+                             f"only one of {', '.join(SUBSET_FLAGS)})")
+    seed = args.subset_seed
+    if seed is not None:
+        require(0 <= seed <= MAX_SEED, f"--subset_seed {seed} is out of range (use 0..{MAX_SEED})")
+        require(given and given[0] != "--train_list", f"--subset_seed {seed} has no subset to draw (add "
+                "--train_per_class K or --train_fraction P; a --train_list is used as listed)")
+    if not given:
+        return None
+    seed = 0 if seed is None else seed
+    if args.train_per_class is not None:
+        return TrainSubset(PER_CLASS, at_least(args.train_per_class, "--train_per_class", 1), seed)
+    if args.train_fraction is not None:
+        fraction = finite(args.train_fraction, "--train_fraction", above=0)
+        require(fraction <= 1, f"--train_fraction {fraction:g} is above 1 (pass a fraction in (0, 1], e.g. 0.01 "
+                               "for 1%)")
+        return TrainSubset(FRACTION, fraction, seed)
+    path = os.path.abspath(os.path.expanduser(args.train_list))
+    require(os.path.isfile(path), f"--train_list {args.train_list} is not a file (pass a text file with one "
+                                  "image path per line, relative to the train folder)")
+    return TrainSubset(LIST, path, None)
 
 
 def resolve_linprobe(args, world_size=1):
@@ -264,6 +296,7 @@ def resolve_linprobe(args, world_size=1):
                       for t in number_list(args.knn_temperature, float, "--knn_temperature"))
         knn = KnnSpec(ks, temps)
 
+    train_subset = resolve_train_subset(args)
     output_dir = args.output_dir.rstrip("/") + args.suffix if args.suffix else args.output_dir
     return LinprobeConfig(
         encoder=encoder, probes=_probe_specs(heads, lrs, labels), head_options=_head_options(args, encoder, heads),
@@ -273,9 +306,9 @@ def resolve_linprobe(args, world_size=1):
         schedule=WarmupCosine(args.epochs, args.warmup_epochs, args.min_lr), seed=args.seed, device=device,
         amp=check_amp(args.amp, device), output_dir=os.path.expanduser(output_dir), resume=args.resume,
         start_epoch=args.start_epoch, eval_only=args.eval, dist_eval=args.dist_eval,
-        cache_eval_gib=args.cache_eval_features, compile=args.compile, knn=knn, num_workers=args.num_workers,
-        pin_mem=args.pin_mem and device.startswith("cuda"), affinity_hack=args.dataloader_affinity_hack,
-        wandb=args.wandb, run_name=args.run_name)
+        cache_eval_gib=args.cache_eval_features, compile=args.compile, knn=knn, train_subset=train_subset,
+        num_workers=args.num_workers, pin_mem=args.pin_mem and device.startswith("cuda"),
+        affinity_hack=args.dataloader_affinity_hack, wandb=args.wandb, run_name=args.run_name)
 
 
 @dataclass(frozen=True)

@@ -2,28 +2,39 @@
 
 Library code: a problem with the data (missing folder, empty class, unreadable image) is a FileNotFoundError or
 ValueError with a one-line message naming the path; the entry points add what to do. The cheap checks run
-before any directory walk or image decoding.
+before any directory walk or image decoding. A training subset (util/subsets.py) is applied in build_dataset.
 """
 import math
 import multiprocessing
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+from torch.utils.data import (
+    ConcatDataset,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Sampler,
+    SequentialSampler,
+    Subset,
+)
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
+from util.subsets import select
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BICUBIC = transforms.InterpolationMode.BICUBIC
-TORCHVISION_SETS = ("stl10", "cifar10", "cifar100")
 # scikit-image photographs that ship inside the wheel (no pooch download), natural images only.
 SAMPLE_PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "rocket", "hubble_deep_field",
                  "immunohistochemistry", "moon", "retina", "grass", "gravel", "brick")
@@ -142,16 +153,32 @@ class ImageFiles(Dataset):
     rank counts its own shard; sum over ranks for a total).
     """
 
-    def __init__(self, samples, classes, transform, *, skip_bad_images=False):
+    def __init__(self, samples, classes, transform, *, skip_bad_images=False, root=None):
         self.samples = list(samples)
         self.targets = [label for _, label in self.samples]
         self.classes = list(classes)
         self.transform = transform
         self.skip_bad_images = skip_bad_images
+        self.root = root
         self._bad = multiprocessing.RawArray("b", len(self.samples)) if skip_bad_images else None
 
     def __len__(self):
         return len(self.samples)
+
+    @property
+    def sample_ids(self):
+        """Each image's path relative to `root` (the split's folder), '/'-separated: what train_subset.txt lists.
+        None without a root (images gathered from anywhere): `sample_ids` then numbers them."""
+        if self.root is None:
+            return None
+        prefix = os.path.join(str(self.root), "")  # make_dataset joins root and name: a prefix cut suffices
+        return [(path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, self.root))
+                .replace(os.sep, "/") for path, _ in self.samples]
+
+    def select(self, indices):
+        """The images at `indices` as ImageFiles: an unreadable one is then replaced from the selection only."""
+        return ImageFiles([self.samples[i] for i in indices], self.classes, self.transform,
+                          skip_bad_images=self.skip_bad_images, root=self.root)
 
     @property
     def bad_images(self):
@@ -192,7 +219,7 @@ def _image_folder(split_dir, classes, transform, skip_bad_images):
     for name in _class_folders(split_dir):
         if class_to_idx[name] not in present:
             raise ValueError(f"class folder {split_dir / name} has no images ({'/'.join(IMG_EXTENSIONS)} files)")
-    return ImageFiles(samples, classes, transform, skip_bad_images=skip_bad_images)
+    return ImageFiles(samples, classes, transform, skip_bad_images=skip_bad_images, root=split_dir)
 
 
 def _check_data_root(root):
@@ -256,60 +283,154 @@ def _digits_transform(split, input_size):
 
 # ------------------------------------------------------------------------------------ torchvision datasets
 
+@dataclass(frozen=True)
+class NamedSet:
+    """A dataset read through its torchvision class with the official splits.
+
+    folder: what torchvision reads under the root. train: the official split(s) joined for training; val: the
+    split evaluated on (the linear-probing protocol of Kornblith et al. 2019: train on train+val, report test).
+    open(root, split, transform, download) builds one official split. downloadable: torchvision can fetch it.
+    """
+    folder: str
+    train: Tuple[str, ...]
+    val: str
+    open: Callable
+    downloadable: bool = True
+
+
+NAMED_SETS = {
+    "flowers102": NamedSet("flowers-102", ("train", "val"), "test",
+                           lambda root, split, **kw: datasets.Flowers102(root, split=split, **kw)),
+    "pets": NamedSet("oxford-iiit-pet", ("trainval",), "test",
+                     lambda root, split, **kw: datasets.OxfordIIITPet(root, split=split, **kw)),
+    "cars": NamedSet("stanford_cars", ("train",), "test",
+                     lambda root, split, **kw: datasets.StanfordCars(root, split=split, **kw), downloadable=False),
+    "aircraft": NamedSet("fgvc-aircraft-2013b", ("trainval",), "test",
+                         lambda root, split, **kw: datasets.FGVCAircraft(root, split=split,
+                                                                         annotation_level="variant", **kw)),
+    "dtd": NamedSet("dtd/dtd", ("train", "val"), "test",
+                    lambda root, split, **kw: datasets.DTD(root, split=split, partition=1, **kw)),
+    "food101": NamedSet("food-101", ("train",), "test",
+                        lambda root, split, **kw: datasets.Food101(root, split=split, **kw)),
+    "cifar10": NamedSet("cifar-10-batches-py", ("train",), "test",
+                        lambda root, split, **kw: datasets.CIFAR10(root, train=split == "train", **kw)),
+    "cifar100": NamedSet("cifar-100-python", ("train",), "test",
+                         lambda root, split, **kw: datasets.CIFAR100(root, train=split == "train", **kw)),
+    "stl10": NamedSet("stl10_binary", ("train",), "test",
+                      lambda root, split, **kw: datasets.STL10(root, split=split, **kw)),
+}
+TORCHVISION_SETS = tuple(NAMED_SETS)
+
+
 def default_cache_root(name):
     return Path("~/.cache/beyond-cls").expanduser() / name
 
 
-def _open_torchvision_set(name, root, split, transform, download):
-    if name == "stl10":
-        return datasets.STL10(root, split="train" if split == "train" else "test", transform=transform,
-                              download=download)
-    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-    return cls(root, train=split == "train", transform=transform, download=download)
-
-
 class DatasetMissing(FileNotFoundError):
-    """A named dataset is not on disk, and downloading it was not allowed."""
+    """A named dataset is not on disk (or not readable there), and downloading it was not allowed."""
+
+
+class DatasetNotDownloadable(DatasetMissing):
+    """A named dataset is not on disk and torchvision cannot download it (Stanford Cars' link is gone)."""
 
 
 class DownloadFailed(OSError):
     """A named dataset could not be downloaded."""
 
 
-def _torchvision_set(name, root, split, transform, download):
+def _contents(dataset):
+    """(labels, image files or None) of one torchvision split. The file-backed classes keep them in private
+    attributes under different names (torchvision 0.29; tests/test_named_datasets.py reads each one)."""
+    if hasattr(dataset, "_samples"):  # StanfordCars: (path, label) pairs
+        return [int(label) for _, label in dataset._samples], [path for path, _ in dataset._samples]
+    for labels in ("targets", "labels", "_labels"):  # CIFAR, STL10, the file-backed ones
+        if getattr(dataset, labels, None) is not None:
+            break
+    files = getattr(dataset, "_image_files", None) or getattr(dataset, "_images", None)  # _images: Pets
+    return [int(label) for label in getattr(dataset, labels)], files
+
+
+class NamedSplit(ConcatDataset):
+    """The training or evaluation side of a named dataset: one official split, or two joined (Flowers', DTD's
+    train+val), with `.classes`, `.targets` and `.sample_ids` (image paths under the dataset's folder, or
+    `<name>/<official split>/<index>` for datasets held in arrays)."""
+
+    def __init__(self, name, parts, base):
+        super().__init__([part for _, part in parts])
+        self.classes = list(parts[0][1].classes)
+        self.targets, self.sample_ids = [], []
+        for split, part in parts:
+            if list(part.classes) != self.classes:
+                raise ValueError(f"{name}'s {split} split has other classes than its {parts[0][0]} split")
+            labels, files = _contents(part)
+            self.targets += labels
+            self.sample_ids += ([Path(os.path.relpath(f, base)).as_posix() for f in files] if files
+                                else [f"{name}/{split}/{i}" for i in range(len(labels))])
+
+
+def _named_split(name, root, split, transform, download):
+    spec = NAMED_SETS[name]
     root = Path(root).expanduser() if root else default_cache_root(name)
-    try:
-        dataset = _open_torchvision_set(name, root, split, transform, download)
-    except Exception as err:
-        if not download:
-            raise DatasetMissing(f"{name} not found under {root}") from None
-        reason = " ".join(f"{type(err).__name__}: {err}".split())
-        raise DownloadFailed(f"{name} could not be downloaded to {root}: {reason}") from None
-    if not hasattr(dataset, "targets"):  # STL10 calls them labels
-        dataset.targets = [int(label) for label in dataset.labels]
-    return dataset
+    base = root / spec.folder
+    download = download and spec.downloadable
+    if not download and not base.is_dir():
+        missing = DatasetMissing if spec.downloadable else DatasetNotDownloadable
+        raise missing(f"{name} not found under {root}: torchvision reads it from {base}")
+    parts = []
+    for official in (spec.train if split == "train" else (spec.val,)):
+        try:
+            parts.append((official, spec.open(root, official, transform=transform, download=download)))
+        except Exception as err:
+            reason = " ".join(f"{type(err).__name__}: {err}".split())
+            if not download:
+                raise DatasetMissing(f"{name} under {base} cannot be read ({official} split): {reason}") from None
+            raise DownloadFailed(f"{name} could not be downloaded to {root}: {reason}") from None
+    return NamedSplit(name, parts, base)
 
 
 # ------------------------------------------------------------------------------------------- entry points
 
-def build_dataset(data_path, split, input_size, *, download=False, skip_bad_images=False, augment=True):
+def build_dataset(data_path, split, input_size, *, download=False, skip_bad_images=False, augment=True,
+                  subset=None):
     """Dataset for linear probing with `.classes` and `.targets`.
 
-    data_path: ImageFolder root (train/, val/) | "digits" | "stl10" | "cifar10" | "cifar100", the last three
-    optionally as "cifar10:/root" (default root ~/.cache/beyond-cls/<name>). augment=False gives the train
-    split the deterministic val transform.
+    data_path: ImageFolder root (train/, val/) | "digits" | a name of NAMED_SETS, optionally as "name:/root"
+    (default root ~/.cache/beyond-cls/<name>). augment=False gives the train split the deterministic val
+    transform. subset (a util.subsets.TrainSubset, train split only): keep the images it selects; the result's
+    `.selection` says which.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    data_path = str(data_path)
+    if subset is not None and split != "train":
+        raise ValueError("a subset applies to the train split only (evaluation uses the whole val split)")
+    dataset = _open_dataset(str(data_path), split, input_size, download, skip_bad_images, augment)
+    if subset is None:
+        return dataset
+    selection = select(sample_ids(dataset, data_path, split), dataset.targets, subset)
+    chosen = _subset(dataset, selection.indices)
+    chosen.selection = selection
+    return chosen
+
+
+def _open_dataset(data_path, split, input_size, download, skip_bad_images, augment):
+    """One split of the dataset `data_path` names, whole."""
     look = split if augment else "val"
     if data_path == "digits":
         return Digits(split, input_size, _digits_transform(look, input_size))
     name, _, root = data_path.partition(":")
-    if name in TORCHVISION_SETS:
-        return _torchvision_set(name, root, split, build_transform(look, input_size), download)
+    if name in NAMED_SETS:
+        return _named_split(name, root, split, build_transform(look, input_size), download)
     return _imagefolder_split(Path(data_path).expanduser(), split, build_transform(look, input_size),
                               skip_bad_images)
+
+
+def sample_ids(dataset, data_path, split):
+    """What names each sample of a built split in train_subset.txt: the dataset's own `.sample_ids` (relative
+    image paths), else `<dataset name>/<split>/<index>` for datasets without files (digits)."""
+    own = getattr(dataset, "sample_ids", None)
+    if own is not None:
+        return list(own)
+    return [f"{str(data_path).partition(':')[0]}/{split}/{i}" for i in range(len(dataset))]
 
 
 class SamplePhotos(Dataset):
@@ -375,13 +496,20 @@ def build_image_set(data_path, input_size, *, max_images=None, skip_bad_images=F
     return dataset
 
 
+class LabelledSubset(Subset):
+    """torch's Subset keeping the `.classes` and `.targets` the rest of the code reads."""
+
+    def __init__(self, dataset, indices):
+        super().__init__(dataset, list(indices))
+        self.classes = list(dataset.classes)
+        self.targets = [dataset.targets[i] for i in self.indices]
+
+
 def _subset(dataset, keep):
+    """The samples at indices `keep`, labels and class names kept."""
     if isinstance(dataset, ImageFiles):
-        return ImageFiles([dataset.samples[i] for i in keep], dataset.classes, dataset.transform,
-                          skip_bad_images=dataset.skip_bad_images)
-    dataset.images = [dataset.images[i] for i in keep]
-    dataset.targets = [dataset.targets[i] for i in keep]
-    return dataset
+        return dataset.select(keep)
+    return LabelledSubset(dataset, keep)
 
 
 # ------------------------------------------------------------------------------------------------ loaders

@@ -1,9 +1,9 @@
 """A run's state on disk: the locked output folder, the experiment's identity, resume, best epochs, checkpoints.
 
-A checkpoint records what defines the experiment (`identity`: encoder file and its checksum, data root and class
-names, input size, heads, lrs, schedule, seed...). Auto-resume continues only an identical experiment; an
-explicit resume may change settings but never the heads' structure. Checkpoints are written whole or not at all,
-and log.txt never holds an epoch that the last checkpoint does not.
+A checkpoint records what defines the experiment (`identity`: encoder file and its checksum, data root, training
+subset and class names, input size, heads, lrs, schedule, seed...). Auto-resume continues only an identical
+experiment; an explicit resume may change settings but never the heads' structure. Checkpoints are written whole
+or not at all, and log.txt never holds an epoch that the last checkpoint does not.
 
 Library code: problems are ValueError / OSError with plain messages; `IdentityMismatch` says which setting
 differs, and the entry point words the remedy.
@@ -21,6 +21,8 @@ from util.checkpoint import load_checkpoint, save_atomic, write_json_atomic, wri
 CHECKPOINT_FORMAT = "beyond-cls linear probing"
 CHECKPOINT_VERSION = 2
 LAST, BEST, LOCK, LOG = "checkpoint-last.pth", "checkpoint-best.pth", ".lock", "log.txt"
+RUN_INFO, SUBSET_LIST, RESULTS = "run.json", "train_subset.txt", "results.json"
+RUN_INFO_VERSION = 1
 
 
 class OutputDirBusy(RuntimeError):
@@ -110,8 +112,12 @@ def data_root(data_path):
     return f"{name}:{Path(root).expanduser().resolve()}" if root else name
 
 
-def experiment_identity(config, *, encoder_source, oracle_source, classes, nb_classes):
-    """The settings that define a linear-probing experiment, in the order a difference is reported."""
+def experiment_identity(config, *, encoder_source, oracle_source, classes, nb_classes, train_subset="full"):
+    """The settings that define a linear-probing experiment, in the order a difference is reported.
+
+    train_subset: util.subsets.Selection.describe() of the training images (its label, size and the hash of
+    train_subset.txt), or "full". Another subset is another experiment: auto-resume refuses it, an explicit
+    --resume continues with it (the heads' structure does not depend on it, so it is not in STRUCTURE)."""
     enc = config.encoder
     return {
         "model": enc.model,
@@ -122,6 +128,7 @@ def experiment_identity(config, *, encoder_source, oracle_source, classes, nb_cl
         "final_norm": enc.final_norm,
         "oracle": oracle_source,
         "data": data_root(config.data_path),
+        "train_subset": train_subset,
         "classes": list(classes),
         "nb_classes": nb_classes,
         "augment": config.augment,
@@ -264,13 +271,27 @@ def truncate_log(path, last_epoch):
         write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
+def write_run_info(output_dir, *, config, identity, classes, selection=None):
+    """run.json (the resolved configuration, the experiment identity, and the training subset's size and
+    images per class: what collect_results.py reads) and, when training on a subset, train_subset.txt."""
+    subset = None
+    if selection is None:  # an explicit --resume of a subset run on the whole split: no stale list stays behind
+        (Path(output_dir) / SUBSET_LIST).unlink(missing_ok=True)
+    else:
+        write_text_atomic(Path(output_dir) / SUBSET_LIST, selection.listing)
+        subset = {"label": selection.subset.label, "images": len(selection.indices), "sha256": selection.digest,
+                  "per_class": {classes[label]: n for label, n in selection.per_class.items()}}
+    write_json_atomic(Path(output_dir) / RUN_INFO, {"version": RUN_INFO_VERSION, "config": config,
+                                                    "identity": identity, "train_subset": subset})
+
+
 def write_results(output_dir, probes, best, extra_rows=()):
     """results.json and results.md: one row per probe with its best accuracy (probes not yet evaluated are left
     out), then the k-NN rows. Returns the Markdown table."""
     rows = [{"probe": p.name, "head": p.head, "lr": p.lr, "best_acc1": round(best[p.name]["acc1"], 3),
              "best_epoch": best[p.name]["epoch"]} for p in probes if best[p.name]["epoch"] >= 0]
     rows += list(extra_rows)
-    write_json_atomic(Path(output_dir) / "results.json", rows)
+    write_json_atomic(Path(output_dir) / RESULTS, rows)
     lines = ["| probe | head | lr | best acc1 | epoch |", "|---|---|---|---|---|"]
     lines += [f"| {r['probe']} | {r['head']} | {'-' if r['lr'] is None else format(r['lr'], '.4g')} | "
               f"{r['best_acc1']:.2f} | {'-' if r['best_epoch'] is None else r['best_epoch']} |" for r in rows]
