@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export MPLBACKEND := Agg
 
-.PHONY: venv test demo bench pretrain pretrain-mae pretrain-mocov3 claims clean
+.PHONY: venv lint test demo bench pretrain pretrain-mae pretrain-mocov3 claims clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,10 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed
 
-test: venv
+lint: venv
+	$(PY) -m ruff check .
+
+test: venv lint
 	$(PY) -m pytest -q tests
 
 # Linear probing of the shipped MAE encoder (checkpoints/mae_mini_clutter.pth, made by `make pretrain`) on the

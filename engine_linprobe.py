@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from timm.utils import accuracy
 from tqdm import tqdm
 
-from heads import TokenBatch
+from heads import HeadOptions, TokenBatch, build_probe
 from models_vit import capture_attention
 from util import dist
 from util.amp import autocast
-from util.lr_sched import adjust_learning_rate
+from util.lars import LARS
+
 
 class NonFiniteLoss(RuntimeError):
     """A probe's loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
@@ -37,7 +38,9 @@ class FrozenTokens:
         self.encode = encoder.forward_tokens
         if compile and not need_attention:
             self.encode = torch.compile(encoder.forward_tokens)
-        self.block = (encoder.depth - 1) if block is None else block % encoder.depth
+        self.block = encoder.block_index(block)  # ValueError for a block the encoder does not have
+        if oracle is not None and not oracle.has_class_token:
+            raise ValueError("the oracle encoder has no [cls] token whose attention could weight the patches")
         self.need_attention = need_attention
         self.oracle = oracle
         self.device = device
@@ -92,6 +95,27 @@ class ProbeSet(nn.Module):
         return {name: head(batch) for name, head in zip(self.names, self.heads)}
 
 
+def build_probe_set(probes, encoder, nb_classes, options: HeadOptions, seed):
+    """One Probe per ProbeSpec; each initialised from the same seed, exactly as if it were trained alone."""
+    built = {}
+    for spec in probes:
+        torch.manual_seed(seed)
+        built[spec.name] = build_probe(spec.head, encoder.embed_dim, nb_classes, tuple(encoder.grid_size),
+                                       encoder.num_prefix_tokens, options, has_cls=encoder.has_class_token)
+    return ProbeSet(built)
+
+
+def build_optimizer(probe_set, probes, kind, weight_decay):
+    """One optimizer over every probe: a param group per probe, carrying that probe's own peak lr."""
+    groups = [{"params": [p for p in probe_set.probes[spec.name].parameters() if p.requires_grad],
+               "peak_lr": spec.lr, "probe": spec.name, "weight_decay": weight_decay} for spec in probes]
+    if kind == "lars":
+        return LARS(groups, lr=probes[0].lr, weight_decay=weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=probes[0].lr, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {kind!r}; choose lars or sgd")
+
+
 class ProbeMeters:
     """Running sums of loss and top-k hits per probe, summed over processes at the end of an epoch."""
 
@@ -135,21 +159,28 @@ def _check_finite(iteration, losses, names, epoch):
     return losses.mean().item()
 
 
-def train_one_epoch(tokens_fn, probes, loader, optimizer, scaler, epoch, args):
-    """One pass over the training set; returns {probe: {train_loss, train_acc1, train_acc5, lr}} and img/s."""
+def train_one_epoch(tokens_fn, probes, loader, optimizer, scaler, epoch, *, schedule, device, amp="none",
+                    accum_iter=1):
+    """One pass over the training set; returns ({probe: {train_loss, train_acc1, train_acc5, lr}}, img/s).
+
+    scaler: a torch.amp.GradScaler, enabled for float16 autocast only.
+
+    The lr follows `schedule` (a WarmupCosine), set before each accumulation group. The optimizer steps after
+    every `accum_iter` micro-batches; a last, partial group is dropped as in the paper's (and MAE's) code: its
+    gradients are cleared at the start of the next epoch without a step.
+    """
     probes.train()
     inner = probes.module if hasattr(probes, "module") else probes
-    meters = ProbeMeters(inner.names, args.device)
-    accum = args.accum_iter
+    meters = ProbeMeters(inner.names, device)
     optimizer.zero_grad(set_to_none=True)
     start, seen = time.perf_counter(), 0
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not dist.is_main(), dynamic_ncols=True,
                unit="batch", mininterval=1.0)
     previous = None  # (iteration, per-probe losses) of the last step, checked once the next forward is queued
     for it, (images, targets) in enumerate(bar):
-        if it % accum == 0:
-            adjust_learning_rate(optimizer, it / len(loader) + epoch, args)
-        targets = targets.to(args.device, non_blocking=True)
+        if it % accum_iter == 0:
+            schedule.apply(optimizer, epoch + it / len(loader))
+        targets = targets.to(device, non_blocking=True)
         batch = tokens_fn(images)
         if previous is not None:
             mean_loss = _check_finite(*previous, inner.names, epoch)
@@ -157,30 +188,25 @@ def train_one_epoch(tokens_fn, probes, loader, optimizer, scaler, epoch, args):
                 imgs = seen * dist.world_size() / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
                                 img_s=f"{imgs:.0f}", refresh=False)
-        step_now = (it + 1) % accum == 0 or it + 1 == len(loader)
+        step_now = (it + 1) % accum_iter == 0
         # DDP all-reduces gradients only on the micro-batch that steps.
         sync = nullcontext() if step_now or not hasattr(probes, "no_sync") else probes.no_sync()
         with sync:
-            with autocast(args.device, args.amp):
+            with autocast(device, amp):
                 logits = probes(batch)
             losses = {name: F.cross_entropy(out.float(), targets) for name, out in logits.items()}
-            total = sum(losses.values()) / accum
-            if scaler is not None:
-                scaler.scale(total).backward()
-            else:
-                total.backward()
+            total = sum(losses.values()) / accum_iter
+            scaler.scale(total).backward()  # a GradScaler(enabled=False) passes everything through unscaled
         if step_now:
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
         meters.update(logits, targets, losses)
         previous = (it, torch.stack([loss.detach() for loss in losses.values()]))
         seen += images.shape[0]
     if previous is not None:
         _check_finite(*previous, inner.names, epoch)
+    optimizer.zero_grad(set_to_none=True)  # a partial accumulation group is dropped, not carried over
     elapsed = time.perf_counter() - start
     stats = meters.result("train")
     for group in optimizer.param_groups:
@@ -229,16 +255,19 @@ def _fresh_batches(tokens_fn, loader):
 
 
 @torch.no_grad()
-def evaluate(tokens_fn, probes, loader, args, desc="eval", cache=None):
-    """Top-1/top-5 accuracy and loss of every probe on `loader` (tokens from `cache` when one is given)."""
+def evaluate(tokens_fn, probes, loader, *, device, amp="none", desc="eval", cache=None):
+    """Top-1/top-5 accuracy and loss of every probe on `loader` (tokens from `cache` when one is given).
+
+    Under --dist_eval each process sees its own shard (no padding duplicates); the sums are added over processes.
+    """
     probes.eval()
     inner = probes.module if hasattr(probes, "module") else probes
-    meters = ProbeMeters(inner.names, args.device)
+    meters = ProbeMeters(inner.names, device)
     batches = cache.batches(tokens_fn, loader) if cache is not None else _fresh_batches(tokens_fn, loader)
     for batch, targets in tqdm(batches, total=len(loader), desc=desc, disable=not dist.is_main(),
                                dynamic_ncols=True, leave=False, mininterval=1.0):
-        targets = targets.to(args.device, non_blocking=True)
-        with autocast(args.device, args.amp):
+        targets = targets.to(device, non_blocking=True)
+        with autocast(device, amp):
             logits = inner(batch)
         meters.update(logits, targets)
     return meters.result("test")

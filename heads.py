@@ -16,13 +16,12 @@ import torch.nn as nn
 from timm.layers import AttentionPoolLatent, trunc_normal_
 
 from abmilp import ACTIVATIONS, COND_CHOICES, CONTENT_CHOICES, SA_CHOICES, AbMILP
-from util.errors import UserError
 
 
 @dataclass
 class TokenBatch:
     tokens: torch.Tensor                        # [B, T, D], T = num_prefix + H*W
-    num_prefix: int                             # [cls] (and register) tokens before the patches
+    num_prefix: int                             # [cls] (token 0, if any) and register tokens before the patches
     grid: Tuple[int, int]                       # (H, W) patches
     attn: Optional[torch.Tensor] = None         # [B, heads, T, T] attention of the block that made `tokens`
     oracle_attn: Optional[torch.Tensor] = None  # [B, N] oracle's [cls]->patch attention, mean over heads
@@ -36,17 +35,25 @@ def _option(default, help, choices=None):
     return field(default=default, metadata=dict(help=help, choices=choices))
 
 
-@dataclass
+HEAD_INITS = ("paper", "mae")
+
+
+@dataclass(frozen=True)
 class HeadOptions:
-    abmilp_act: str = _option("tanh", "activation between the AbMILP scorer's hidden layers", list(ACTIVATIONS))
+    # AbMILP defaults: the paper's published command (its argparse defaults, tanh/both/2/none/all, are not
+    # what produced its numbers).
+    abmilp_act: str = _option("relu", "activation between the AbMILP scorer's hidden layers", list(ACTIVATIONS))
     abmilp_sa: str = _option("none", "one-head self-attention before AbMILP, feeding the scorer (map) or the "
                                      "scorer and the pooled content (both)", SA_CHOICES)
     abmilp_depth: int = _option(1, "layers of the AbMILP scorer MLP")
-    abmilp_cond: str = _option("none", "pe: add a 2-D sin-cos position embedding to the scorer's input", COND_CHOICES)
-    abmilp_content: str = _option("all", "AbMILP pools all tokens or the patch tokens only", CONTENT_CHOICES)
+    abmilp_cond: str = _option("none", "pe: add a trained 2-D sin-cos position embedding to the scorer's input",
+                               COND_CHOICES)
+    abmilp_content: str = _option("patch", "AbMILP pools all tokens or the patch tokens only", CONTENT_CHOICES)
     # defaults: the efficient-probing repo's queries, timm AttentionPoolLatent's heads
     ep_queries: int = _option(32, "learnable queries of --cls_features ep (must divide the embedding width)")
     map_heads: int = _option(8, "attention heads of --cls_features map (must divide the embedding width)")
+    head_init: str = _option("paper", "classifier initialisation: paper (nn.Linear's default, as the paper's code) "
+                                      "or mae (trunc-normal std 0.01, zero bias, as MAE's linprobe)", HEAD_INITS)
 
     @classmethod
     def from_args(cls, args) -> "HeadOptions":
@@ -156,8 +163,8 @@ class OracleAttention(WeightedPatches):
         if batch.oracle_attn is None:
             raise RuntimeError("head oracle reads TokenBatch.oracle_attn but it is None (run an oracle encoder)")
         if batch.oracle_attn.shape[1] != batch.patches.shape[1]:
-            raise UserError(f"the oracle attends over {batch.oracle_attn.shape[1]} patches but the probed encoder "
-                            f"has {batch.patches.shape[1]} (use an --oracle with the same patch grid)")
+            raise ValueError(f"the oracle attends over {batch.oracle_attn.shape[1]} patches but the probed encoder "
+                             f"has {batch.patches.shape[1]}: the two need the same patch grid")
         return _renormalise(batch.oracle_attn.float())
 
 
@@ -181,7 +188,7 @@ class EfficientProbing(Aggregation):
     def __init__(self, dim: int, num_queries: int):
         super().__init__(dim)
         if num_queries < 1 or dim % num_queries:
-            raise UserError(f"--ep_queries {num_queries} must divide the embedding width {dim}")
+            raise ValueError(f"{num_queries} queries do not divide the embedding width {dim}")
         self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
         self.value = nn.Linear(dim, dim, bias=False)
         self.scale = dim ** -0.5
@@ -222,7 +229,7 @@ class MultiheadAttentionPool(Aggregation):
     def __init__(self, dim: int, num_heads: int):
         super().__init__(dim)
         if num_heads < 1 or dim % num_heads:
-            raise UserError(f"--map_heads {num_heads} must divide the embedding width {dim}")
+            raise ValueError(f"{num_heads} attention heads do not divide the embedding width {dim}")
         self.pool = AttentionPoolLatent(dim, out_features=0, num_heads=num_heads)
 
     def forward(self, batch):
@@ -258,8 +265,7 @@ class HeadSpec:
 def _crop_builder(cls, k):
     def build(dim, grid, num_prefix, options):
         if k > min(grid):
-            raise UserError(f"a {k}x{k} centre crop does not fit the {grid[0]}x{grid[1]} patch grid "
-                            "(use a smaller k or a larger --input_size)")
+            raise ValueError(f"a {k}x{k} centre crop does not fit the {grid[0]}x{grid[1]} patch grid")
         return cls(dim, k)
     return build
 
@@ -299,46 +305,58 @@ HEADS = {spec.name: spec for spec in _SPECS}
 def resolve_head(name: str) -> HeadSpec:
     key = name.strip().lower()
     if key not in HEADS:
-        raise UserError(f"unknown --cls_features {name!r} (choose from {', '.join(HEADS)})")
+        raise ValueError(f"unknown head {name!r}; the heads are {', '.join(HEADS)}")
     return HEADS[key]
 
 
 class BatchNormAcrossRanks(nn.BatchNorm1d):
     """BatchNorm1d whose training statistics cover the global batch of every DDP process.
 
-    torch's SyncBatchNorm does the same but refuses CPU tensors (gloo); this keeps a 2-process run equal to one
-    process with twice the batch on any device. Without torch.distributed it is plain BatchNorm1d.
+    On CUDA the entry point converts it to torch's SyncBatchNorm (NCCL). SyncBatchNorm refuses CPU tensors, so on
+    gloo this computes the same statistics in float64 with a centred second pass: E[x^2] - E[x]^2 is no variance
+    when a channel's mean is a thousand times its spread, as for MAE's pre-norm [cls]. Without torch.distributed
+    (or with one process) it is plain BatchNorm1d.
     """
 
     def forward(self, x):
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        x32 = x.float()
-        count = torch.full((1,), x.shape[0], dtype=torch.float32, device=x.device)
+        x64 = x.double()
+        count = torch.full((1,), float(x.shape[0]), dtype=torch.float64, device=x.device)
         # all_reduce from torch.distributed.nn carries gradients back to every rank's inputs
-        totals = dist_nn.all_reduce(torch.cat([count, x32.sum(0), (x32 * x32).sum(0)]))
-        n, dim = totals[0], x.shape[1]
-        mean = totals[1:1 + dim] / n
-        var = (totals[1 + dim:] / n - mean * mean).clamp_min(0)
+        totals = dist_nn.all_reduce(torch.cat([count, x64.sum(0)]))
+        n = totals[0]
+        mean = totals[1:] / n
+        centred = x64 - mean
+        var = dist_nn.all_reduce(centred.pow(2).sum(0)) / n
         with torch.no_grad():
             self.num_batches_tracked += 1
             m = self.momentum
-            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-            self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
-        return ((x32 - mean) / torch.sqrt(var + self.eps)).to(x.dtype)
+            self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+            unbiased = var * n / (n - 1).clamp_min(1)
+            self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+        return (centred / torch.sqrt(var + self.eps)).to(x.dtype)
 
 
 class Probe(nn.Module):
-    """aggregation -> BatchNorm1d(affine=False, eps=1e-6) -> Linear, the classifier initialised as MAE's linprobe."""
+    """aggregation -> BatchNorm1d(affine=False, eps=1e-6) -> Linear, as MAE's linear probing.
 
-    def __init__(self, aggregation: Aggregation, num_classes: int, head_name: str = ""):
+    init "paper" keeps nn.Linear's default initialisation (U(-1/sqrt(d), 1/sqrt(d)) for weight and bias), as the
+    paper's code does (its trunc_normal_ call is commented out); "mae" is MAE's linprobe: trunc-normal std 0.01,
+    zero bias. Under LARS a step moves a weight by about 0.001 * lr * ||w||, so the init sets the training speed.
+    """
+
+    def __init__(self, aggregation: Aggregation, num_classes: int, head_name: str = "", init: str = "paper"):
         super().__init__()
+        if init not in HEAD_INITS:
+            raise ValueError(f"unknown classifier initialisation {init!r}; choose from {', '.join(HEAD_INITS)}")
         self.head_name = head_name
         self.aggregation = aggregation
         self.norm = BatchNormAcrossRanks(aggregation.out_dim, affine=False, eps=1e-6)
         self.classifier = nn.Linear(aggregation.out_dim, num_classes)
-        trunc_normal_(self.classifier.weight, std=0.01)
-        nn.init.zeros_(self.classifier.bias)
+        if init == "mae":
+            trunc_normal_(self.classifier.weight, std=0.01)
+            nn.init.zeros_(self.classifier.bias)
 
     def forward(self, batch: TokenBatch) -> torch.Tensor:
         return self.classifier(self.norm(self.aggregation(batch)))
@@ -349,13 +367,16 @@ class Probe(nn.Module):
 
 
 def build_probe(name: str, embed_dim: int, num_classes: int, grid: Tuple[int, int], num_prefix: int,
-                options: Optional[HeadOptions] = None) -> Probe:
+                options: Optional[HeadOptions] = None, has_cls: Optional[bool] = None) -> Probe:
+    """`num_prefix`: tokens before the patches ([cls] and registers); `has_cls`: whether token 0 is [cls]
+    (default: num_prefix > 0; an encoder with registers but no [cls] must say False)."""
     spec = resolve_head(name)
-    if spec.needs_cls and num_prefix == 0:
-        raise UserError(f"--cls_features {spec.name} reads the [cls] token but the encoder has none "
-                        "(use pos, abmilp or another patch-token head)")
-    aggregation = spec.builder(embed_dim, tuple(grid), num_prefix, options or HeadOptions())
-    return Probe(aggregation, num_classes, head_name=spec.name)
+    has_cls = num_prefix > 0 if has_cls is None else has_cls
+    if spec.needs_cls and not has_cls:
+        raise ValueError(f"head {spec.name} reads the [cls] token but the encoder has none")
+    options = options or HeadOptions()
+    aggregation = spec.builder(embed_dim, tuple(grid), num_prefix, options)
+    return Probe(aggregation, num_classes, head_name=spec.name, init=options.head_init)
 
 
 class HeadRow(NamedTuple):

@@ -19,13 +19,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models_vit import MODELS, build_encoder, capture_attention
-from util.attention_metrics import AttentionStatsAccumulator, metric_names
-from util.amp import AMP_DTYPES, autocast
-from util.checkpoint import check_output_dir
-from util.data import build_image_set, build_loader, find_user_error
-from util.errors import UserError, exit_on_user_error
+from models_vit import NonFiniteWeights, build_encoder, capture_attention
 from util import plots
+from util.amp import autocast
+from util.attention_metrics import AttentionStatsAccumulator, metric_names
+from util.cli import add_encoder_arguments, add_runtime_arguments
+from util.cli import run as run_cli
+from util.config import resolve_stats
+from util.data import BadImageError, build_image_set, build_loader, find_bad_image
+from util.errors import UserError, user_errors
+from util.run_state import prepare_output_dir
 
 CSV_NAME, JSON_NAME = "attention_stats.csv", "attention_stats.json"
 OVERLAY_NAME, TSNE_IMAGES_NAME, TSNE_TOKENS_NAME = "cls_attention_overlays.png", "tsne_images.png", "tsne_tokens.png"
@@ -36,21 +39,14 @@ MAX_TSNE_IMAGES, TOKENS_PER_IMAGE, MAX_TSNE_TOKENS = 3000, 8, 3000  # bounds mem
 def get_args_parser():
     p = argparse.ArgumentParser("attention statistics of a frozen ViT", add_help=True)
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--model", default="vit_base_patch16", help=f"one of {', '.join(MODELS)}, or a timm pretrained name")
-    p.add_argument("--input_size", type=int, default=224)
-    p.add_argument("--simmim", action="store_true", help="--finetune is a SimMIM checkpoint")
-    p.add_argument("--finetune", default="", help="checkpoint path or timm name (default: random init)")
-    p.add_argument("--checkpoint_key", default="model")
-    p.add_argument("--no_cls_token", action="store_true", help="encoder without [cls]: patch metrics only")
+    add_encoder_arguments(p)
+    add_runtime_arguments(p, amp_default="none")
     p.add_argument("--data_path", default="samples",
                    help="ImageFolder, flat folder of images, or 'samples' (scikit-image's bundled photos)")
     p.add_argument("--max_images", type=int, default=None, help="use at most this many images (evenly spaced)")
     p.add_argument("--skip_bad_images", action="store_true", help="skip unreadable images with a warning")
     p.add_argument("--output_dir", default="output_dir/attention_stats")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--amp", choices=list(AMP_DTYPES), default="none")
+    p.set_defaults(num_workers=min(4, os.cpu_count() or 1))
     p.add_argument("--draw_2d_embeddings", action="store_true", help="image- and token-level t-SNE plots")
     p.add_argument("--compare", nargs="+", metavar="DIR", default=None,
                    help="only overlay the attention_stats.csv of these run folders, one figure per metric")
@@ -58,26 +54,6 @@ def get_args_parser():
     p.add_argument("--wandb", action="store_true", help="log to wandb (also on when WANDB_PROJECT is set)")
     p.add_argument("--run_name", default=None, help="wandb run name (default: the output folder's name)")
     return p
-
-
-# ------------------------------------------------------------------------------------------------ checks
-
-def check_args(args):
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size {args.batch_size} must be at least 1 (pass a positive batch size)")
-    if args.max_images is not None and args.max_images < 1:
-        raise UserError(f"--max_images {args.max_images} must be at least 1 (pass a positive number)")
-    if args.num_workers < 0:
-        raise UserError(f"--num_workers {args.num_workers} must be 0 or more (pass 0 to load images in this process)")
-    patch = MODELS.get(args.model, {}).get("patch_size", 1)  # a timm name's patch size is checked on loading
-    if args.input_size < 1 or args.input_size % patch:
-        raise UserError(f"--input_size {args.input_size} is not a positive multiple of the patch size {patch} "
-                        f"(use a multiple of {patch}, e.g. {patch * (224 // patch)})")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} but no CUDA device is available (use --device cpu)")
-    if args.amp == "float16" and not args.device.startswith("cuda"):
-        raise UserError("--amp float16 needs a CUDA device (use --amp bfloat16 or none on CPU)")
-    check_output_dir(args.output_dir)
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -89,10 +65,10 @@ class EmbeddingSamples:
         self.images, self.image_labels, self.tokens, self.token_labels = [], [], [], []
         self.generator = torch.Generator().manual_seed(seed)
 
-    def add(self, tokens, labels, num_prefix):
+    def add(self, tokens, labels, num_prefix, has_cls):
         tokens, labels = tokens.float().cpu(), labels.cpu()
         if sum(map(len, self.images)) < MAX_TSNE_IMAGES:
-            self.images.append(tokens[:, 0] if num_prefix else tokens.mean(1))
+            self.images.append(tokens[:, 0] if has_cls else tokens[:, num_prefix:].mean(1))
             self.image_labels.append(labels)
         if sum(map(len, self.tokens)) < MAX_TSNE_TOKENS:
             patches = tokens[:, num_prefix:]
@@ -111,6 +87,7 @@ def measure(encoder, loader, device, amp, embeddings=None):
     """Streams the loader through the encoder: (accumulator, overlay images, their [cls] maps or None)."""
     stats = AttentionStatsAccumulator()
     prefix, grid, patch = encoder.num_prefix_tokens, encoder.grid_size, encoder.patch_size
+    has_cls = bool(encoder.has_class_token)  # token 0; registers (if any) sit between it and the patches
     overlay_images, overlay_maps = [], []
     bar = tqdm(total=len(loader.dataset), unit="img", desc="attention stats", dynamic_ncols=True)
     with bar, capture_attention(encoder) as cap, torch.no_grad():  # the bar ends its line before any error
@@ -118,16 +95,16 @@ def measure(encoder, loader, device, amp, embeddings=None):
             images = images.to(device, non_blocking=True)
             with autocast(device, amp):
                 tokens = encoder.forward_tokens(images)
-            stats.update(cap.records, prefix, grid, patch)
+            stats.update(cap.records, prefix, grid, patch, has_cls)
             missing = NUM_OVERLAYS - sum(map(len, overlay_images))
-            if missing > 0 and prefix:
+            if missing > 0 and has_cls:
                 last = cap.records[-1]["attn"][:missing]  # last block, head-averaged [cls] -> patch attention
                 overlay_images.append(images[:missing].cpu())
                 overlay_maps.append(last[:, :, 0, prefix:].mean(1).reshape(-1, *grid).cpu())
             if embeddings is not None:
-                embeddings.add(tokens, labels, prefix)
+                embeddings.add(tokens, labels, prefix, has_cls)
             bar.update(len(images))
-    if not prefix:
+    if not has_cls:
         return stats, None, None
     return stats, torch.cat(overlay_images), torch.cat(overlay_maps)
 
@@ -135,13 +112,11 @@ def measure(encoder, loader, device, amp, embeddings=None):
 def run_loader(encoder, loader, device, amp, embeddings):
     try:
         return measure(encoder, loader, device, amp, embeddings)
-    except UserError:
-        raise
-    except Exception as err:  # a DataLoader worker re-raises a bad image as a RuntimeError with its traceback
-        user_error = find_user_error(err)
-        if user_error is None:
+    except Exception as err:  # a DataLoader worker may re-raise a bad image as a RuntimeError with its traceback
+        bad = find_bad_image(err)
+        if bad is None:
             raise
-        raise user_error from None
+        raise UserError(f"{bad} ({IMAGE_REMEDIES[BadImageError]})") from None
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -174,6 +149,14 @@ def draw_tsne(output_dir, embeddings, class_names, seed, has_cls):
     return written
 
 
+def remove_stale_outputs(output_dir, patterns):
+    """Our own files of an earlier run in this folder (never anything else): a reused folder then holds only this
+    run's results, not old plots beside new tables."""
+    for pattern in patterns:
+        for path in Path(output_dir).glob(pattern):
+            path.unlink()
+
+
 def compare_runs(run_dirs, output_dir):
     """One compare_<metric>.png per metric found in any run's CSV; a line per run."""
     runs = {}
@@ -182,10 +165,11 @@ def compare_runs(run_dirs, output_dir):
         if not csv_path.is_file():
             raise UserError(f"{csv_path} does not exist (pass folders written by main_attention_stats.py)")
         label = Path(run_dir).resolve().name
-        runs[label if label not in runs else str(run_dir)] = plots.read_stats_csv(csv_path)
-    check_output_dir(output_dir)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+        with user_errors({ValueError: "pass folders whose attention_stats.csv main_attention_stats.py wrote"}):
+            runs[label if label not in runs else str(run_dir)] = plots.read_stats_csv(csv_path)
+    with user_errors({OSError: "pass a writable --output_dir"}):
+        output_dir = prepare_output_dir(output_dir)
+    remove_stale_outputs(output_dir, ["compare_*.png"])
     metrics = list(dict.fromkeys(m for names, _ in runs.values() for m in names))
     for metric in metrics:
         lines = {label: values[metric] for label, (_, values) in runs.items() if metric in values}
@@ -193,12 +177,13 @@ def compare_runs(run_dirs, output_dir):
     print(f"wrote {len(metrics)} comparison plots of {len(runs)} runs to {output_dir}")
 
 
-def log_to_dashboards(args, results, metrics, pngs):
-    if not (args.tensorboard or args.wandb or os.environ.get("WANDB_PROJECT")):
+def log_to_dashboards(config, results, metrics, pngs):
+    if not (config.tensorboard or config.wandb or os.environ.get("WANDB_PROJECT")):
         return
     from util.run_log import RunLog
 
-    log = RunLog(args.output_dir, args, tensorboard=args.tensorboard)
+    log = RunLog(config.output_dir, settings=config.to_dict(), wandb=config.wandb, run_name=config.run_name,
+                 tensorboard=config.tensorboard)
     for block, row in results.items():
         log.scalars({f"attention_stats/{m}": row[m] for m in metrics}, step=block)
     for png in pngs:
@@ -208,55 +193,70 @@ def log_to_dashboards(args, results, metrics, pngs):
 
 # ------------------------------------------------------------------------------------------------ main
 
+ENCODER_REMEDIES = {FileNotFoundError: "check the --finetune path", IsADirectoryError: "pass a checkpoint file",
+                    NonFiniteWeights: "use a checkpoint saved before the run diverged",
+                    ValueError: "pick the --model that matches the checkpoint, or set --checkpoint_key",
+                    OSError: "check the --finetune path"}
+IMAGE_REMEDIES = {FileNotFoundError: "pass --data_path a folder of images, an ImageFolder, or samples",
+                  BadImageError: "remove or replace the file, or pass --skip_bad_images",
+                  ValueError: "pass --data_path a folder of images, an ImageFolder, or samples"}
+OUTPUTS = [CSV_NAME, JSON_NAME, "plot_*.png", OVERLAY_NAME, TSNE_IMAGES_NAME, TSNE_TOKENS_NAME]
+
+
 def main(args):
     if args.compare:
         return compare_runs(args.compare, args.output_dir)
-    check_args(args)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    dataset = build_image_set(args.data_path, args.input_size, max_images=args.max_images,
-                              skip_bad_images=args.skip_bad_images)
+    config = resolve_stats(args)
+    with user_errors({OSError: "pass a writable --output_dir"}):
+        output_dir = prepare_output_dir(config.output_dir)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    with user_errors(IMAGE_REMEDIES):
+        dataset = build_image_set(config.data_path, config.encoder.input_size, max_images=config.max_images,
+                                  skip_bad_images=config.skip_bad_images)
     if len(dataset) == 0:
-        raise UserError(f"no images found in {args.data_path} (pass --data_path a folder of images or samples)")
-    encoder = build_encoder(args.model, args.finetune, simmim=args.simmim, checkpoint_key=args.checkpoint_key,
-                            input_size=args.input_size, no_cls_token=args.no_cls_token).to(args.device)
-    loader = build_loader(dataset, args.batch_size, train=False, num_workers=args.num_workers,
-                          pin_mem=args.device.startswith("cuda"))
-    embeddings = EmbeddingSamples(args.seed) if args.draw_2d_embeddings else None
+        raise UserError(f"no images found in {config.data_path} (pass --data_path a folder of images or samples)")
+    with user_errors(ENCODER_REMEDIES):
+        encoder = build_encoder(config.encoder.model, config.encoder.finetune,
+                                **config.encoder.build_kwargs()).to(config.device)
+    loader = build_loader(dataset, config.batch_size, train=False, num_workers=config.num_workers,
+                          pin_mem=config.device.startswith("cuda"))
+    embeddings = EmbeddingSamples(config.seed) if config.draw_2d_embeddings else None
 
     start = time.time()
-    stats, overlay_images, overlay_maps = run_loader(encoder, loader, args.device, args.amp, embeddings)
+    stats, overlay_images, overlay_maps = run_loader(encoder, loader, config.device, config.amp, embeddings)
     results = stats.result()
     seconds = time.time() - start
     bad = getattr(dataset, "bad_images", 0)
     if bad:
         print(f"warning: skipped {bad} unreadable image(s)", file=sys.stderr)
 
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)  # only our own files are (over)written below
-    metrics = metric_names(encoder.num_prefix_tokens > 0)
-    metadata = dict(model=args.model, checkpoint=args.finetune or "random init", simmim=args.simmim,
-                    checkpoint_key=args.checkpoint_key, data_path=str(args.data_path), images=stats.images,
-                    input_size=args.input_size, patch_size=encoder.patch_size, grid=list(encoder.grid_size),
-                    num_prefix_tokens=encoder.num_prefix_tokens, depth=encoder.depth,
-                    num_heads=encoder.blocks[0].attn.num_heads, amp=args.amp, device=args.device,
+    remove_stale_outputs(output_dir, OUTPUTS)  # only now: a failed run leaves the earlier results in place
+    has_cls = bool(encoder.has_class_token)
+    metrics = metric_names(has_cls)
+    enc = config.encoder
+    metadata = dict(model=enc.model, checkpoint=enc.finetune or "random init", simmim=enc.simmim,
+                    checkpoint_key=enc.checkpoint_key, data_path=config.data_path, images=stats.images,
+                    input_size=enc.input_size, patch_size=encoder.patch_size, grid=list(encoder.grid_size),
+                    num_prefix_tokens=encoder.num_prefix_tokens, has_cls_token=has_cls,
+                    num_reg_tokens=encoder.num_reg_tokens, depth=encoder.depth,
+                    num_heads=encoder.blocks[0].attn.num_heads, amp=config.amp, device=config.device,
                     seconds=round(seconds, 2))
     write_tables(output_dir, results, metrics, metadata)
     pngs = []
     for metric in metrics:
         pngs.append(output_dir / f"plot_{metric}.png")
-        plots.plot_metric_vs_depth({args.model: [row[metric] for row in results.values()]}, metric, pngs[-1])
+        plots.plot_metric_vs_depth({enc.model: [row[metric] for row in results.values()]}, metric, pngs[-1])
     if overlay_images is not None:
         pngs.append(output_dir / OVERLAY_NAME)
         plots.plot_attention_overlays(overlay_images, overlay_maps, pngs[-1],
                                       "[cls] attention of the last block, mean over heads")
     if embeddings is not None:
-        pngs += draw_tsne(output_dir, embeddings, dataset.classes, args.seed, encoder.num_prefix_tokens > 0)
-    log_to_dashboards(args, results, metrics, pngs)
+        pngs += draw_tsne(output_dir, embeddings, dataset.classes, config.seed, has_cls)
+    log_to_dashboards(config, results, metrics, pngs)
     print(f"{stats.images} images in {seconds:.1f}s ({stats.images / max(seconds, 1e-9):.1f} img/s); "
           f"wrote {CSV_NAME}, {JSON_NAME} and {len(pngs)} plots to {output_dir}")
 
 
 if __name__ == "__main__":
-    with exit_on_user_error():
-        main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser())

@@ -22,11 +22,21 @@ from tqdm import tqdm
 
 import pretrain_models
 from models_vit import MODELS
-from util.checkpoint import check_output_dir, load_checkpoint, save_atomic
-from util.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_loader, find_user_error
-from util.errors import UserError, exit_on_user_error, user_errors
-from util.lr_sched import adjust_learning_rate, scaled_lr
+from util.checkpoint import load_checkpoint, save_atomic
+from util.cli import run as run_cli
+from util.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BadImageError,
+    DatasetMissing,
+    build_dataset,
+    build_loader,
+    find_bad_image,
+)
+from util.errors import UserError, user_errors
+from util.lr_sched import WarmupCosine, scaled_lr
 from util.run_log import RunLog
+from util.run_state import prepare_output_dir
 
 BICUBIC = transforms.InterpolationMode.BICUBIC
 # Each method's published recipe (MAE: main_pretrain.py; MoCo v3: main_moco.py for ViTs); flags override them.
@@ -34,6 +44,14 @@ RECIPES = {
     "mae": dict(blr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), crop_min=0.2),
     "mocov3": dict(blr=1.5e-4, weight_decay=0.1, betas=(0.9, 0.999), crop_min=0.08),
 }
+# What a user should do when reading the data fails for a reason they can fix (first matching type wins).
+DATA_REMEDIES = {DatasetMissing: "pass --download to fetch it, or point --data_path name:/root at a copy",
+                 FileNotFoundError: "pass --data_path digits_clutter, digits, or an ImageFolder root with "
+                                    "train/<class>/",
+                 BadImageError: "remove or replace the file",
+                 ValueError: "fix the folder named, or pass another --data_path",
+                 OSError: "check the folder named, or pass another --data_path"}
+SAVE_REMEDIES = {OSError: "free some disk space, or pass another --output_dir"}
 # Arguments that do not change what is trained: a resumed run may differ in these only.
 NOT_CONFIG = {"output_dir", "resume", "release_path", "release_fp16", "export", "num_workers", "device",
               "wandb", "run_name", "save_every", "start_epoch", "lr_value"}
@@ -191,7 +209,8 @@ def pretrain_transform(args):
 
 def build_train_set(args):
     """The train split of --data_path (any dataset build_dataset knows) with the method's augmentation."""
-    dataset = build_dataset(args.data_path, "train", args.input_size, augment=False)
+    with user_errors(DATA_REMEDIES):
+        dataset = build_dataset(args.data_path, "train", args.input_size, augment=False)
     dataset.transform = pretrain_transform(args)  # every dataset of util/data reads .transform per item
     if args.max_images is not None and args.max_images < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(args.max_images))
@@ -216,7 +235,7 @@ def build_optimizer(args, model):
         groups = param_groups_weight_decay(model, args.weight_decay)
     else:  # MoCo v3 decays every trained parameter
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": args.weight_decay}]
-    groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in groups]
+    groups = [dict(g, params=[p for p in g["params"] if p.requires_grad], peak_lr=args.lr_value) for g in groups]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr_value, betas=betas)
 
 
@@ -255,21 +274,16 @@ def release(ckpt, fp16=False):
 
 # ------------------------------------------------------------------------------------------------ training
 
-def schedule(args):
-    """What util.lr_sched reads: the peak lr, warmup, length and floor of the schedule."""
-    return argparse.Namespace(lr=args.lr_value, warmup_epochs=args.warmup_epochs, epochs=args.epochs,
-                              min_lr=args.min_lr)
-
-
 def train_one_epoch(args, model, loader, optimizer, epoch, log):
     model.train()
-    sched = schedule(args)
+    sched = WarmupCosine(epochs=args.epochs, warmup_epochs=args.warmup_epochs, min_lr=args.min_lr)
     steps = len(loader)
     total, count, start = 0.0, 0, time.time()
     bar = tqdm(loader, desc=f"epoch {epoch}", dynamic_ncols=True, leave=False, mininterval=1.0)
     for step, (images, _) in enumerate(bar):
         progress = epoch + step / steps
-        lr = adjust_learning_rate(optimizer, progress, sched)
+        sched.apply(optimizer, progress)
+        lr = optimizer.param_groups[0]["lr"]
         if args.method == "mae":
             images = images.to(args.device, non_blocking=True)
             loss = model(images)[0]
@@ -316,8 +330,9 @@ def resume_run(args, model, optimizer, path):
 
 def write_release(ckpt, path, fp16):
     path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_atomic(release(ckpt, fp16), path)
+    with user_errors(SAVE_REMEDIES):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_atomic(release(ckpt, fp16), path)
     print(f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB, {ckpt['method']} release layout, "
           f"epoch {ckpt['epoch']})", flush=True)
 
@@ -337,7 +352,8 @@ def main(args):
     if args.export:
         return export(args)
     check_args(args)
-    check_output_dir(args.output_dir)
+    with user_errors({OSError: "pass a writable --output_dir"}):
+        prepare_output_dir(args.output_dir)
     torch.manual_seed(args.seed)
     model = build_model(args).to(args.device)
     optimizer = build_optimizer(args, model)
@@ -354,7 +370,7 @@ def main(args):
           f"{len(dataset)} images of {args.data_path}, batch {args.batch_size}, lr {args.lr_value:.3g}, "
           f"{args.epochs} epochs, {params / 1e6:.2f}M trained parameters", flush=True)
 
-    log = RunLog(args.output_dir, args)
+    log = RunLog(args.output_dir, settings=vars(args), wandb=args.wandb, run_name=args.run_name)
     started = time.time()
     ckpt = None
     try:
@@ -363,9 +379,10 @@ def main(args):
             stats = train_one_epoch(args, model, loader, optimizer, epoch, log)
             history.append(round(stats["train_loss"], 6))
             ckpt = training_checkpoint(args, model, optimizer, epoch, history)
-            save_atomic(ckpt, os.path.join(args.output_dir, CHECKPOINT))
-            if args.save_every and (epoch + 1) % args.save_every == 0:
-                save_atomic(ckpt, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+            with user_errors(SAVE_REMEDIES):
+                save_atomic(ckpt, os.path.join(args.output_dir, CHECKPOINT))
+                if args.save_every and (epoch + 1) % args.save_every == 0:
+                    save_atomic(ckpt, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
             log.line({"epoch": epoch, **{k: round(v, 6) for k, v in stats.items()}})
             log.scalars({"train/loss": stats["train_loss"], "perf/img_per_s": stats["img/s"]}, epoch)
             print(f"epoch {epoch}: loss {stats['train_loss']:.4f}, lr {stats['lr']:.3g}, "
@@ -373,10 +390,10 @@ def main(args):
     except UserError:
         raise
     except Exception as err:  # a DataLoader worker re-raises a bad image as a RuntimeError with its traceback
-        user_error = find_user_error(err)
-        if user_error is None:
+        bad = find_bad_image(err)
+        if bad is None:
             raise
-        raise user_error from None
+        raise UserError(f"{bad} ({DATA_REMEDIES[BadImageError]})") from None
     finally:
         log.close()
     if ckpt is None:  # nothing left to train: the resumed checkpoint is the final one
@@ -388,5 +405,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    with exit_on_user_error():
-        main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser())

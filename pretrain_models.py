@@ -16,13 +16,13 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
+from torch import nn
 
-from models_vit import LAYER_NORM_EPS, MAE_DEFAULTS, MODELS, ViTEncoder
+from models_vit import MAE_DEFAULTS, MODELS, ViTEncoder, build_encoder
 
-LayerNorm = partial(nn.LayerNorm, eps=LAYER_NORM_EPS)
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # MAE's and timm's ViT norm
 
 
 def sincos_pos_embed(grid, dim, num_prefix=1):
@@ -32,10 +32,9 @@ def sincos_pos_embed(grid, dim, num_prefix=1):
 
 
 def new_encoder(model, input_size, **arch):
-    """A trainable ViTEncoder of MODELS[model] (MAE's block settings) with a fixed sin-cos position embedding,
-    as both MAE and MoCo v3 train their ViTs."""
-    spec = {**MAE_DEFAULTS, **MODELS[model], **arch}
-    encoder = ViTEncoder(img_size=input_size, **spec)
+    """A trainable random-initialised encoder of MODELS[model] (models_vit's, MAE's block settings) with a fixed
+    sin-cos position embedding, as both MAE and MoCo v3 train their ViTs."""
+    encoder = build_encoder(model, input_size=input_size, verbose=False, **arch).train().requires_grad_(True)
     with torch.no_grad():
         encoder.pos_embed.copy_(sincos_pos_embed(encoder.grid_size, encoder.embed_dim))
     encoder.pos_embed.requires_grad_(False)
@@ -59,7 +58,10 @@ class MaskedAutoencoder(ViTEncoder):
     def __init__(self, *, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio=4.0, qkv_bias=True,
                  decoder_dim=64, decoder_depth=2, decoder_heads=4, mask_ratio=0.75, norm_pix_loss=True):
         super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                         num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias)
+                         num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, num_classes=0, global_pool="")
+        # what models_vit gives every encoder it builds
+        self.patch_size, self.grid_size = patch_size, tuple(self.patch_embed.grid_size)
+        self.depth, self.final_norm = depth, False
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         num_patches = self.patch_embed.num_patches

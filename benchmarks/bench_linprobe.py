@@ -33,10 +33,11 @@ from timm.models.vision_transformer import VisionTransformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine_linprobe as engine  # noqa: E402
-from heads import HEADS  # noqa: E402
-from main_linprobe import build_optimizer, build_probe_set, check_args, get_args_parser  # noqa: E402
+from heads import HEADS, HeadOptions  # noqa: E402
 from models_vit import MODELS, build_encoder  # noqa: E402
 from util.amp import autocast  # noqa: E402
+from util.config import ProbeSpec  # noqa: E402
+from util.lr_sched import WarmupCosine, scaled_lr  # noqa: E402
 
 
 def parse_args():
@@ -100,17 +101,16 @@ class PeakMemory:
 
 
 def probe_setup(bench, encoder, heads, blrs):
-    """Probes, optimizer, training args and FrozenTokens exactly as main_linprobe builds them."""
-    args = get_args_parser().parse_args([
-        "--model", bench.model, "--cls_features", heads, "--blr", blrs, "--batch_size", str(bench.batch_size),
-        "--amp", bench.amp, "--device", bench.device, "--epochs", "10", "--warmup_epochs", "1"])
-    check_args(args)
-    probes = build_probe_set(args, encoder, bench.nb_classes).to(bench.device)
-    optimizer = build_optimizer(args, probes)
-    tokens_fn = engine.FrozenTokens(encoder, block=args.return_block, device=bench.device, amp=args.amp,
-                                    need_attention=any(HEADS[h].needs_attention for h in args.heads),
+    """Probes, optimizer, schedule and FrozenTokens built by the engine's own functions, as main_linprobe does."""
+    heads, blrs = heads.split(","), [float(b) for b in blrs.split(",")]
+    specs = tuple(ProbeSpec(f"{h}_blr{b:g}", h, scaled_lr(b, bench.batch_size), f"blr{b:g}") for h in heads
+                  for b in blrs)
+    probes = engine.build_probe_set(specs, encoder, bench.nb_classes, HeadOptions(), seed=0).to(bench.device)
+    optimizer = engine.build_optimizer(probes, specs, "lars", weight_decay=0.0)
+    tokens_fn = engine.FrozenTokens(encoder, device=bench.device, amp=bench.amp,
+                                    need_attention=any(HEADS[h].needs_attention for h in heads),
                                     compile=bench.compile)
-    return args, probes, optimizer, tokens_fn
+    return WarmupCosine(epochs=10, warmup_epochs=1), probes, optimizer, tokens_fn
 
 
 def main(bench):
@@ -137,10 +137,12 @@ def main(bench):
             one[3](images)
 
     def run_train(setup, n, tokens_fn=None):
-        args, probes, optimizer, frozen = setup
+        schedule, probes, optimizer, frozen = setup
         with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):  # the loop's progress bar
-            engine.train_one_epoch(tokens_fn or frozen, probes, [(images, targets)] * n, optimizer, None, 0, args)
+            engine.train_one_epoch(tokens_fn or frozen, probes, [(images, targets)] * n, optimizer, no_scaling, 0,
+                                   schedule=schedule, device=device, amp=bench.amp)
 
+    no_scaling = torch.amp.GradScaler(device.split(":")[0], enabled=bench.amp == "float16")
     precomputed = many[3](images)  # for (p): what the heads alone cost, without the encoder
 
     n_probes = len(many[1].names)

@@ -5,7 +5,6 @@ import torch
 import torch.nn as nn
 
 from abmilp import AbMILP
-from util.errors import UserError
 
 D, GRID = 16, (2, 3)  # non-square on purpose
 N = GRID[0] * GRID[1]
@@ -32,7 +31,7 @@ def numpy_pool(tokens, direction, bias=0.0):
 
 
 def test_token_with_far_larger_score_takes_all_weight():
-    model = AbMILP(D, GRID, num_prefix=1)
+    model = AbMILP(D, GRID, num_prefix=1, content="all")
     direction = np.zeros(D)
     direction[0] = 100.0
     tokens = torch.randn(2, 1 + N, D) * 0.01
@@ -78,8 +77,8 @@ def test_cond_pe_changes_scores_by_position():
     torch.manual_seed(0)
     direction = np.random.default_rng(1).normal(size=D)
     tokens = torch.randn(1, 1, D).expand(2, 1 + N, D).contiguous()  # the same token everywhere
-    plain = AbMILP(D, GRID, num_prefix=1, cond="none")
-    with_pe = AbMILP(D, GRID, num_prefix=1, cond="pe")
+    plain = AbMILP(D, GRID, num_prefix=1, cond="none", content="all")
+    with_pe = AbMILP(D, GRID, num_prefix=1, cond="pe", content="all")
     craft_scorer(plain, direction)
     craft_scorer(with_pe, direction)
     plain(tokens)
@@ -90,7 +89,7 @@ def test_cond_pe_changes_scores_by_position():
     # [cls] gets a zero position embedding: its score is direction . x exactly, so its weight follows from
     # the patch scores; recover those from the map and check the first patch (row 0, col 0: sin 0 = 0, cos 0 = 1).
     scores = torch.log(weights) - torch.log(weights[0]) + float(np.dot(direction, tokens[0, 0].numpy()))
-    pe_00 = np.array([0.0] * (D // 2) + [1.0] * (D // 2))  # sin(0) and cos(0) for both coordinates
+    pe_00 = np.array(([0.0] * (D // 4) + [1.0] * (D // 4)) * 2)  # (sin 0, cos 0) for the column, then the row
     assert scores[1].item() == pytest.approx(float(np.dot(direction, tokens[0, 1].numpy() + pe_00)), abs=1e-3)
 
 
@@ -98,7 +97,7 @@ def test_sa_map_pools_raw_tokens_and_sa_both_pools_mixed_tokens():
     torch.manual_seed(0)
     tokens = torch.randn(2, 1 + N, D)
     for sa in ("map", "both"):
-        model = AbMILP(D, GRID, num_prefix=1, sa=sa)
+        model = AbMILP(D, GRID, num_prefix=1, sa=sa, content="all")
         out = model(tokens)
         mixed = model.self_attn(tokens)
         pooled_raw = torch.einsum("bt,btd->bd", model.attention_map, tokens)
@@ -121,9 +120,42 @@ def test_depth_builds_an_mlp_with_the_activation(act, cls):
     assert model(torch.randn(2, 1 + N, D)).shape == (2, D)
 
 
-def test_bad_options_raise_user_error():
+def test_bad_options_raise_value_error():
     for kwargs in (dict(act="gelu"), dict(sa="all"), dict(cond="rope"), dict(content="cls"), dict(depth=0)):
-        with pytest.raises(UserError):
+        with pytest.raises(ValueError):
             AbMILP(D, GRID, **kwargs)
-    with pytest.raises(UserError, match="divisible by 4"):
+    with pytest.raises(ValueError, match="divisible by 4"):
         AbMILP(18, GRID, cond="pe")
+
+
+def test_defaults_are_the_papers_published_command():
+    # relu / none / depth 1 / none / patch: the flags of the paper's published command
+    model = AbMILP(D, GRID, num_prefix=1)
+    assert (model.sa, model.cond, model.content) == ("none", "none", "patch")
+    assert [type(m) for m in model.scorer] == [nn.Linear] and model.self_attn is None
+
+
+def mae_sincos_table(dim, side):
+    """MAE's get_2d_sincos_pos_embed (util/pos_embed.py), which the paper's AbMILP uses, written out in numpy."""
+    grid = np.stack(np.meshgrid(np.arange(side, dtype=np.float64), np.arange(side, dtype=np.float64)))  # w first
+
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
+
+
+@pytest.mark.parametrize("content", ["patch", "all"])
+def test_pe_table_is_trained_and_laid_out_as_the_papers(content):
+    side = 3
+    model = AbMILP(D, (side, side), num_prefix=1, cond="pe", content=content)
+    assert isinstance(model.pos_embed, nn.Parameter) and model.pos_embed.requires_grad
+    expected = mae_sincos_table(D, side)
+    if content == "all":  # the paper's cls_token=True: one zero row first
+        expected = np.concatenate([np.zeros((1, D)), expected])
+    np.testing.assert_allclose(model.pos_embed.detach().numpy(), expected, atol=1e-6)
+    assert "pos_embed" in model.state_dict()
+    model(torch.randn(2, 1 + side * side, D)).sum().backward()
+    assert model.pos_embed.grad is not None and model.pos_embed.grad.abs().sum() > 0

@@ -5,8 +5,13 @@ import math
 import pytest
 import torch
 
-from util.attention_metrics import (CLS_METRICS, PATCH_METRICS, AttentionStatsAccumulator, block_metrics,
-                                    fourier_delta_log_amplitude)
+from util.attention_metrics import (
+    CLS_METRICS,
+    PATCH_METRICS,
+    AttentionStatsAccumulator,
+    block_metrics,
+    fourier_delta_log_amplitude,
+)
 
 LOG_EPS = math.log(1e-6)  # cl-vs-mim's amplitude offset, seen in empty Fourier bins
 
@@ -200,3 +205,29 @@ def test_fourier_of_checkerboard_is_beyond_the_half_diagonal():
     tokens = board.flatten()[None, :, None]
     expected = LOG_EPS - math.log(2.0 * h * w + 1e-6)
     assert fourier_delta_log_amplitude(tokens, (h, w)).item() == pytest.approx(expected, rel=1e-6)
+
+
+def without_tokens(rec, drop):
+    """The record with the tokens in `drop` removed (attention rows and columns, norms, outputs)."""
+    keep = [t for t in range(rec["attn"].shape[-1]) if t not in drop]
+    return record(rec["attn"][..., keep, :][..., keep], rec["resid_norm"][:, keep], rec["attn_out_norm"][:, keep],
+                  rec["out"][:, keep])
+
+
+@pytest.mark.parametrize("has_cls", [True, False])
+def test_registers_are_neither_cls_nor_patches(has_cls):
+    """Token 0 is [cls] (when there is one); registers sit between it and the patches and count in no metric:
+    every metric equals the one of the same attention with the register rows and columns removed."""
+    B, H, grid, registers = 2, 3, (2, 3), 2
+    prefix = int(has_cls) + registers
+    T = prefix + grid[0] * grid[1]
+    g = torch.Generator().manual_seed(4)
+    rec = record(torch.randn(B, H, T, T, generator=g).mul(2).softmax(-1), torch.rand(B, T, generator=g) + 1,
+                 torch.rand(B, T, generator=g), torch.randn(B, T, 5, generator=g))
+    with_registers = as_floats(block_metrics(rec, prefix, grid, 16, has_cls=has_cls))
+    assert set(with_registers) == set(CLS_METRICS if has_cls else PATCH_METRICS)
+    register_tokens = set(range(int(has_cls), prefix))
+    check(with_registers, as_floats(block_metrics(without_tokens(rec, register_tokens), int(has_cls), grid, 16)))
+    acc = AttentionStatsAccumulator()
+    acc.update({0: rec}, prefix, grid, 16, has_cls=has_cls)
+    assert {k for k in acc.result()[0] if not k.endswith("_per_head")} == set(with_registers)

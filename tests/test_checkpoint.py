@@ -1,4 +1,4 @@
-"""Atomic checkpoint writes, checkpoint loading errors, output-dir checks."""
+"""Atomic checkpoint writes and the one checkpoint reader."""
 import argparse
 import os
 
@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from util import checkpoint
-from util.checkpoint import check_output_dir, load_checkpoint, save_atomic
-from util.errors import UserError
+from util.checkpoint import load_checkpoint, save_atomic
 
 
 def test_save_atomic_round_trip_leaves_no_tmp(tmp_path):
@@ -68,32 +67,3 @@ def test_checkpoint_that_is_not_a_dict(tmp_path):
     torch.save(torch.zeros(3), path)
     with pytest.raises(ValueError, match="not a dict of state dicts"):
         load_checkpoint(path)
-
-
-def test_output_dir_created_and_existing_content_kept(tmp_path):
-    out = tmp_path / "a" / "b"
-    assert check_output_dir(out) == out and out.is_dir()
-    (out / "log.txt").write_text("epoch 1\n")
-    check_output_dir(out)
-    assert os.listdir(out) == ["log.txt"] and (out / "log.txt").read_text() == "epoch 1\n"
-
-
-def test_output_dir_that_is_a_file(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    with pytest.raises(UserError, match="cannot be written"):
-        check_output_dir(blocker / "out")
-    with pytest.raises(UserError, match="cannot be written"):
-        check_output_dir(blocker)
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-def test_read_only_output_dir(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    try:
-        with pytest.raises(UserError, match="cannot be written"):
-            check_output_dir(ro)
-    finally:
-        ro.chmod(0o700)

@@ -1,16 +1,28 @@
 """Datasets, transforms, loaders and their one-line errors, on images made in tmp_path (no downloads)."""
 import collections
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import fake_datasets
 from util import data
-from util.data import (build_dataset, build_image_set, build_loader, build_transform, find_user_error,
-                       validate_num_classes)
-from util.errors import UserError
+from util.data import (
+    NAMED_SETS,
+    BadImageError,
+    DatasetMissing,
+    DatasetNotDownloadable,
+    DownloadFailed,
+    build_dataset,
+    build_image_set,
+    build_loader,
+    build_transform,
+    find_bad_image,
+)
+from util.subsets import FRACTION, LIST, PER_CLASS, TrainSubset
 
 S = 32
 
@@ -36,8 +48,8 @@ def _image_folder(root, classes=("cat", "dog"), per_class=3):
     return root
 
 
-def _one_line_user_error(excinfo):
-    err = find_user_error(excinfo.value)
+def _one_line_bad_image(excinfo):
+    err = find_bad_image(excinfo.value)
     assert err is not None and "\n" not in str(err)
     return str(err)
 
@@ -114,7 +126,7 @@ def test_val_uses_train_class_indices(tmp_path):
 
 
 def test_missing_data_path(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         build_dataset(tmp_path / "imagenet", "train", S)
 
 
@@ -125,7 +137,7 @@ def test_missing_val_folder(tmp_path):
     for d in (root / "val").iterdir():
         d.rmdir()
     (root / "val").rmdir()
-    with pytest.raises(UserError, match="has no val/ folder"):
+    with pytest.raises(FileNotFoundError, match="has no val/ folder"):
         build_dataset(root, "train", S)
 
 
@@ -133,14 +145,14 @@ def test_empty_class_folder_is_named(tmp_path):
     root = _image_folder(tmp_path / "data")
     (root / "train" / "zebra").mkdir()
     (root / "train" / "zebra" / "notes.txt").write_text("not an image")
-    with pytest.raises(UserError, match=r"class folder .*zebra has no images"):
+    with pytest.raises(ValueError, match=r"class folder .*zebra has no images"):
         build_dataset(root, "train", S)
 
 
 def test_val_class_unknown_to_train(tmp_path):
     root = _image_folder(tmp_path / "data")
     _save(root / "val" / "bird" / "0.png")
-    with pytest.raises(UserError, match="train/ lacks: bird"):
+    with pytest.raises(ValueError, match="train/ lacks: bird"):
         build_dataset(root, "val", S)
 
 
@@ -154,34 +166,34 @@ def _with_corrupt_image(tmp_path):
 def test_corrupt_image_names_the_file(tmp_path):
     root, bad = _with_corrupt_image(tmp_path)
     dataset = build_dataset(root, "train", S)
-    with pytest.raises(UserError, match="cannot read image") as info:
+    with pytest.raises(BadImageError, match="cannot read image") as info:
         dataset[dataset.samples.index((str(bad), 1))]
-    assert str(bad) in _one_line_user_error(info)
+    assert str(bad) in _one_line_bad_image(info)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_corrupt_image_in_loader_is_one_line_user_error(tmp_path, num_workers):
+def test_corrupt_image_in_loader_is_one_line_error(tmp_path, num_workers):
     root, bad = _with_corrupt_image(tmp_path)
     loader = build_loader(build_dataset(root, "train", S), 2, train=True, num_workers=num_workers)
-    with pytest.raises(UserError) as info:
+    with pytest.raises(BadImageError) as info:
         for _ in loader:
             pass
-    message = str(info.value)  # what exit_on_user_error prints, with no help from the caller
+    message = str(info.value)  # what the entry point prints, with no help from the caller
     assert "\n" not in message and str(bad) in message and message.startswith("cannot read image")
 
 
-def test_find_user_error_in_wrapped_exceptions():
-    worker_text = ("Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
-                   "last):\n  File \"x.py\", line 1, in f\nutil.errors.UserError: disk full (free space)\n")
-    assert str(find_user_error(RuntimeError(worker_text))) == "disk full (free space)"
+def test_find_bad_image_in_wrapped_exceptions():
+    worker_text = ("Caught BadImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                   "last):\n  File \"x.py\", line 1, in f\nutil.data.BadImageError: cannot read image a.png: x\n")
+    assert str(find_bad_image(RuntimeError(worker_text))) == "cannot read image a.png: x"
     try:
         try:
-            raise UserError("inner problem (fix it)")
-        except UserError as inner:
+            raise BadImageError("inner problem")
+        except BadImageError as inner:
             raise RuntimeError("outer") from inner
     except RuntimeError as outer:
-        assert str(find_user_error(outer)) == "inner problem (fix it)"
-    assert find_user_error(ValueError("plain")) is None
+        assert str(find_bad_image(outer)) == "inner problem"
+    assert find_bad_image(ValueError("plain")) is None
 
 
 def test_skip_bad_images_replaces_and_counts(tmp_path, capsys):
@@ -204,19 +216,12 @@ def test_skip_bad_images_count_is_shared_with_workers(tmp_path):
     assert dataset.bad_images == 1
 
 
-def test_nb_classes_too_small():
-    with pytest.raises(UserError, match="smaller than the 10 classes"):
-        validate_num_classes(5, [str(i) for i in range(10)])
-    validate_num_classes(10, 10)
-    validate_num_classes(None, 3)
-
-
 # --------------------------------------------------------------------------------- torchvision datasets
 
 def test_torchvision_set_absent_offline(tmp_path):
-    with pytest.raises(UserError, match=r"cifar10 not found under .*pass --download"):
+    with pytest.raises(DatasetMissing, match=f"cifar10 not found under {tmp_path}"):
         build_dataset(f"cifar10:{tmp_path}", "train", S)
-    with pytest.raises(UserError, match="stl10 not found under"):
+    with pytest.raises(DatasetMissing, match="stl10 not found under"):
         build_dataset(f"stl10:{tmp_path}", "val", S)
 
 
@@ -225,8 +230,111 @@ def test_torchvision_download_failure(tmp_path, monkeypatch):
         raise urllib.error.URLError("Temporary failure in name resolution")
 
     monkeypatch.setattr(data.datasets, "CIFAR100", offline)
-    with pytest.raises(UserError, match="could not be downloaded"):
+    with pytest.raises(DownloadFailed, match="could not be downloaded"):
         build_dataset(f"cifar100:{tmp_path}", "train", S, download=True)
+
+
+@pytest.mark.parametrize("name", list(fake_datasets.WRITERS))
+def test_named_dataset_is_read_from_its_official_layout(name, tmp_path, monkeypatch):
+    fake_datasets.without_checksums(monkeypatch)
+    expected = fake_datasets.WRITERS[name](tmp_path)
+    train = build_dataset(f"{name}:{tmp_path}", "train", S)
+    val = build_dataset(f"{name}:{tmp_path}", "val", S)
+    assert len(train.classes) == expected["classes"] and val.classes == train.classes
+    assert (len(train), len(val)) == (expected["train"], expected["val"])
+    assert val.targets == expected["val_labels"]
+    assert all(isinstance(label, int) for label in train.targets)
+    image_id, label = expected["example"]
+    assert len(set(train.sample_ids)) == len(train)
+    assert train.targets[train.sample_ids.index(image_id)] == label
+    image, first_label = train[0]
+    assert image.shape == (3, S, S) and first_label == train.targets[0]
+    assert val[len(val) - 1][0].shape == (3, S, S)
+    one_each = build_dataset(f"{name}:{tmp_path}", "train", S, subset=TrainSubset(PER_CLASS, 1, 0))
+    assert sorted(one_each.targets) == sorted(set(train.targets))
+    assert set(one_each.selection.ids) <= set(train.sample_ids)
+
+
+@pytest.mark.parametrize("name", list(NAMED_SETS))
+def test_named_dataset_absent_offline_names_the_folder_looked_in(name, tmp_path):
+    missing = DatasetMissing if NAMED_SETS[name].downloadable else DatasetNotDownloadable
+    with pytest.raises(missing) as info:
+        build_dataset(f"{name}:{tmp_path}", "train", S)
+    assert str(tmp_path / NAMED_SETS[name].folder) in str(info.value)
+
+
+def test_stanford_cars_is_never_downloaded(tmp_path, monkeypatch):
+    def network(*args, **kwargs):
+        raise AssertionError("torchvision was asked to download Stanford Cars")
+
+    monkeypatch.setattr(data.datasets, "StanfordCars", network)
+    with pytest.raises(DatasetNotDownloadable, match="stanford_cars"):
+        build_dataset(f"cars:{tmp_path}", "train", S, download=True)
+
+
+def test_named_dataset_folder_that_cannot_be_read(tmp_path, monkeypatch):
+    fake_datasets.without_checksums(monkeypatch)
+    fake_datasets.flowers102(tmp_path)
+    (tmp_path / "flowers-102" / "setid.mat").unlink()
+    with pytest.raises(DatasetMissing, match="flowers-102 cannot be read"):
+        build_dataset(f"flowers102:{tmp_path}", "val", S)
+
+
+# ----------------------------------------------------------------------------------------- train subsets
+
+def _unbalanced_folder(root, sizes):
+    for c, n in enumerate(sizes):
+        for i in range(n):
+            _save(root / "train" / f"class_{c}" / f"{i}.png", size=(8, 8), seed=c * 100 + i)
+        _save(root / "val" / f"class_{c}" / "0.png", size=(8, 8), seed=c)
+    return root
+
+
+def test_fraction_of_an_unbalanced_folder_keeps_each_class_share(tmp_path):
+    sizes = [1, 4, 7, 10, 13]
+    root = _unbalanced_folder(tmp_path / "data", sizes)
+    half = build_dataset(root, "train", S, subset=TrainSubset(FRACTION, 0.5, 0))
+    counts = collections.Counter(half.targets)
+    for label, n in enumerate(sizes):
+        assert abs(counts[label] - 0.5 * n) < 1, (label, counts[label], n)  # within one image of its share
+    assert half.selection.per_class == dict(counts)
+    assert half.selection.ids == tuple(sorted(half.selection.ids))
+    assert all(i.startswith(f"class_{label}/") for i, label in zip(sorted(half.selection.ids), sorted(half.targets)))
+    assert len(build_dataset(root, "val", S)) == len(sizes)  # validation is never subsampled
+    with pytest.raises(ValueError, match="train split only"):
+        build_dataset(root, "val", S, subset=TrainSubset(FRACTION, 0.5, 0))
+
+
+def test_subset_of_an_image_folder_reads_only_its_images(tmp_path):
+    root = _unbalanced_folder(tmp_path / "data", [3, 3])
+    listed = tmp_path / "list.txt"
+    listed.write_text("class_0/2.png\n1.png\n")  # a relative path, and a bare name found in two classes
+    with pytest.raises(ValueError, match="1.png"):
+        build_dataset(root, "train", S, subset=TrainSubset(LIST, str(listed), None))
+    listed.write_text("class_0/2.png\nclass_1/1.png\n")
+    chosen = build_dataset(root, "train", S, subset=TrainSubset(LIST, str(listed), None))
+    assert [Path(path).relative_to(root / "train").as_posix() for path, _ in chosen.samples] == \
+        ["class_0/2.png", "class_1/1.png"]
+    assert chosen.targets == [0, 1] and chosen[1][0].shape == (3, S, S)
+
+
+def test_digits_subset_ids_name_the_train_split_index():
+    three = build_dataset("digits", "train", S, augment=False, subset=TrainSubset(PER_CLASS, 3, 0))
+    whole = build_dataset("digits", "train", S, augment=False)
+    assert len(three) == 30 and collections.Counter(three.targets) == {d: 3 for d in range(10)}
+    assert all(i.startswith("digits/train/") for i in three.selection.ids)
+    indices = sorted(int(i.rsplit("/", 1)[1]) for i in three.selection.ids)
+    assert [whole.targets[i] for i in indices] == three.targets  # the subset keeps the split's order
+    assert torch.equal(three[0][0], whole[indices[0]][0])
+
+
+def test_sample_ids_number_images_without_a_root(tmp_path):
+    from util.data import ImageFiles, sample_ids
+
+    loose = ImageFiles([(str(tmp_path / "a.png"), 0), (str(tmp_path / "b" / "c.png"), 1)], ["x", "y"], None)
+    assert sample_ids(loose, f"generated:{tmp_path}", "train") == ["generated/train/0", "generated/train/1"]
+    rooted = ImageFiles(loose.samples, loose.classes, None, root=tmp_path)
+    assert sample_ids(rooted, tmp_path, "train") == ["a.png", "b/c.png"]
 
 
 # ----------------------------------------------------------------------------------------- image sets
@@ -255,10 +363,10 @@ def test_image_set_from_image_folder_keeps_classes(tmp_path):
 
 
 def test_image_set_errors(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         build_image_set(tmp_path / "missing", S)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="has no images"):
+    with pytest.raises(ValueError, match="has no images"):
         build_image_set(tmp_path / "empty", S)
 
 
@@ -283,7 +391,7 @@ def test_loader_is_reproducible_per_epoch():
 
 def test_val_loader_is_sequential_and_complete():
     dataset = build_dataset("digits", "val", 16)
-    labels = torch.cat([l for _, l in build_loader(dataset, 100, train=False)])
+    labels = torch.cat([batch_labels for _, batch_labels in build_loader(dataset, 100, train=False)])
     assert labels.tolist() == dataset.targets
 
 
@@ -294,5 +402,49 @@ def test_batch_larger_than_dataset_still_yields_a_batch(tmp_path):
 
 
 def test_zero_batch_size():
-    with pytest.raises(UserError, match="--batch_size 0"):
+    with pytest.raises(ValueError, match="batch size must be at least 1, got 0"):
         build_loader(build_dataset("digits", "val", 16), 0, train=False)
+
+
+# ------------------------------------------------------------------------------------ issues 10 and 15
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    from util.data import load_rgb
+    path = tmp_path / "sixteen.png"
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(path)  # mid-grey in 16 bits
+    assert Image.open(path).mode.startswith("I")
+    pixels = np.asarray(load_rgb(path))
+    assert pixels.shape == (8, 8, 3) and pixels.dtype == np.uint8
+    assert abs(pixels.mean() - 32768 / 257) <= 0.5  # 127.5, where PIL's own conversion gives 255
+
+
+def test_one_draw_crop_follows_maes_rule(tmp_path):
+    # MAE's util/crop.py rule, computed here independently with numpy: one scale and one log-uniform aspect
+    # ratio, the side lengths rounded and clipped to the image.
+    width, height, draws = 100, 60, 20000
+    rng = np.random.default_rng(0)
+    area = width * height * rng.uniform(0.08, 1.0, 200000)
+    ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3), 200000))
+    w = np.minimum(np.round(np.sqrt(area * ratio)), width)
+    h = np.minimum(np.round(np.sqrt(area / ratio)), height)
+    expected = (w * h).mean() / (width * height)
+    from torchvision import transforms
+
+    from util.data import OneDrawResizedCrop
+    image = Image.new("RGB", (width, height))
+    torch.manual_seed(0)
+    ours = [OneDrawResizedCrop.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(draws)]
+    assert all(0 <= i and 0 <= j and i + h_ <= height and j + w_ <= width for i, j, h_, w_ in ours)
+    fractions = np.array([h_ * w_ for _, _, h_, w_ in ours]) / (width * height)
+    sigma = fractions.std() / np.sqrt(draws)
+    assert abs(fractions.mean() - expected) < 4 * sigma
+    torchvision_mean = np.mean([h_ * w_ for _, _, h_, w_ in (
+        transforms.RandomResizedCrop.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(draws))])
+    assert abs(torchvision_mean / (width * height) - expected) > 10 * sigma  # the rule torchvision does not follow
+
+
+def test_distributed_eval_shards_cover_each_image_once():
+    from util.data import ShardSampler
+    dataset = list(range(27))
+    shards = [list(ShardSampler(dataset, 2, rank)) for rank in range(2)]
+    assert sorted(shards[0] + shards[1]) == dataset and len(shards[0]) == 14 and len(shards[1]) == 13

@@ -11,7 +11,6 @@ from torchvision.datasets import ImageFolder
 
 from util import digits_clutter as dc
 from util.data import build_dataset, build_image_set
-from util.errors import UserError
 
 SMALL = {"train": 120, "val": 40}
 
@@ -89,6 +88,6 @@ def test_build_dataset_and_build_image_set_accept_digits_clutter(small):
 def test_a_folder_without_manifest_is_refused_not_overwritten(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    with pytest.raises(UserError, match="no complete digits_clutter folder"):
+    with pytest.raises(ValueError, match="no complete digits_clutter folder"):
         dc.ensure(tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"

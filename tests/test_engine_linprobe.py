@@ -12,11 +12,14 @@ from torch.utils.data import TensorDataset
 
 import engine_linprobe as engine
 import main_linprobe
-from heads import TokenBatch, build_probe, HeadOptions
+import models_vit
+from heads import HEADS, HeadOptions, TokenBatch, build_probe
 from models_vit import build_encoder
+from util.config import resolve_linprobe
 from util.data import build_loader
 
 NUM_CLASSES = 10
+NO_SCALING = torch.amp.GradScaler("cpu", enabled=False)  # fp32: the loop's scaler passes gradients through
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +36,20 @@ def dataset():
     return TensorDataset(images, targets)
 
 
-def make_args(*flags):
+def make_config(*flags):
+    """The resolved configuration main_linprobe.py would run with these flags."""
     args = main_linprobe.get_args_parser().parse_args(["--device", "cpu", "--num_workers", "0", *flags])
-    main_linprobe.check_args(args)
-    return args
+    return resolve_linprobe(args)
+
+
+def build(config, encoder):
+    probe_set = engine.build_probe_set(config.probes, encoder, NUM_CLASSES, config.head_options, config.seed)
+    return probe_set, engine.build_optimizer(probe_set, config.probes, config.optimizer, config.weight_decay)
+
+
+def one_epoch(config, tokens_fn, probe_set, loader, optimizer, epoch=0):
+    return engine.train_one_epoch(tokens_fn, probe_set, loader, optimizer, NO_SCALING, epoch,
+                                  schedule=config.schedule, device="cpu", accum_iter=config.accum_iter)
 
 
 def get_probe(probe_set, name):
@@ -48,14 +61,13 @@ def probe_state(probe_set, name):
     return {k: v.detach().clone() for k, v in get_probe(probe_set, name).state_dict().items()}
 
 
-def train(args, encoder, dataset):
+def train(config, encoder, dataset):
     tokens_fn = engine.FrozenTokens(encoder, device="cpu")
-    probe_set = main_linprobe.build_probe_set(args, encoder, NUM_CLASSES)
-    optimizer = main_linprobe.build_optimizer(args, probe_set)
-    loader = build_loader(dataset, args.batch_size, train=True, seed=args.seed)
-    for epoch in range(args.epochs):
+    probe_set, optimizer = build(config, encoder)
+    loader = build_loader(dataset, config.batch_size, train=True, seed=config.seed)
+    for epoch in range(config.epochs):
         loader.set_epoch(epoch)
-        engine.train_one_epoch(tokens_fn, probe_set, loader, optimizer, None, epoch, args)
+        one_epoch(config, tokens_fn, probe_set, loader, optimizer, epoch)
     return probe_set
 
 
@@ -64,11 +76,11 @@ def test_every_probe_of_a_grid_trains_exactly_as_alone(encoder, dataset):
     # per group would not be exact (measured: 0.0 max abs diff once each group schedules its own lr).
     heads, blrs = ["cls", "pos", "abmilp"], ["0.1", "0.03", "0.3"]
     common = ["--batch_size", "16", "--epochs", "2", "--warmup_epochs", "1", "--optimizer", "lars"]
-    grid = train(make_args(*common, "--cls_features", ",".join(heads), "--blr", ",".join(blrs)), encoder, dataset)
+    grid = train(make_config(*common, "--cls_features", ",".join(heads), "--blr", ",".join(blrs)), encoder, dataset)
     assert sorted(grid.names) == sorted(f"{h}_blr{b}" for h in heads for b in blrs)
     for head in heads:
         for blr in blrs:
-            alone = train(make_args(*common, "--cls_features", head, "--blr", blr), encoder, dataset)
+            alone = train(make_config(*common, "--cls_features", head, "--blr", blr), encoder, dataset)
             assert alone.names == [head]  # a single probe keeps the plain head name
             together, expected = probe_state(grid, f"{head}_blr{blr}"), probe_state(alone, head)
             assert together.keys() == expected.keys()
@@ -76,8 +88,7 @@ def test_every_probe_of_a_grid_trains_exactly_as_alone(encoder, dataset):
                 diff = (together[key].double() - expected[key].double()).abs().max().item()
                 assert torch.equal(together[key], expected[key]), f"{head}_blr{blr} {key}: max abs diff {diff}"
             # the probe actually moved, so this is not the equality of two untouched initialisations
-            init = main_linprobe.build_probe_set(make_args(*common, "--cls_features", head, "--blr", blr),
-                                                 encoder, NUM_CLASSES)
+            init, _ = build(make_config(*common, "--cls_features", head, "--blr", blr), encoder)
             assert not torch.equal(probe_state(init, head)["classifier.weight"], expected["classifier.weight"])
 
 
@@ -85,8 +96,8 @@ def test_min_lr_applies_to_every_probe_of_a_sweep_as_if_alone(encoder, dataset):
     # The cosine ends at --min_lr for every probe, as each would when trained alone (not at min_lr * lr / lr0).
     common = ["--batch_size", "16", "--epochs", "2", "--warmup_epochs", "1", "--min_lr", "0.001",
               "--cls_features", "pos"]
-    grid = train(make_args(*common, "--blr", "0.1,1"), encoder, dataset)
-    alone = train(make_args(*common, "--blr", "1"), encoder, dataset)
+    grid = train(make_config(*common, "--blr", "0.1,1"), encoder, dataset)
+    alone = train(make_config(*common, "--blr", "1"), encoder, dataset)
     together, expected = probe_state(grid, "pos_blr1"), probe_state(alone, "pos")
     for key in expected:
         diff = (together[key].double() - expected[key].double()).abs().max().item()
@@ -94,16 +105,16 @@ def test_min_lr_applies_to_every_probe_of_a_sweep_as_if_alone(encoder, dataset):
 
 
 def test_accum_iter_steps_every_second_iteration_with_the_mean_gradient(encoder):
-    # 5 batches, accum 2: steps after iterations 1, 3 and 4 (the last, partial group).
+    # 5 batches, accum 2: steps after iterations 1 and 3; the last, partial group is dropped (the paper's code).
     g = torch.Generator().manual_seed(2)
     data = TensorDataset(torch.randn(40, 3, 32, 32, generator=g), torch.randint(0, NUM_CLASSES, (40,), generator=g))
-    args = make_args("--cls_features", "pos", "--optimizer", "sgd", "--batch_size", "8", "--accum_iter", "2",
-                     "--blr", "0.1", "--epochs", "1", "--warmup_epochs", "0")
-    assert args.lrs == [pytest.approx(0.1 * 8 * 2 / 256)]
+    config = make_config("--cls_features", "pos", "--optimizer", "sgd", "--batch_size", "8", "--accum_iter", "2",
+                         "--blr", "0.1", "--epochs", "1", "--warmup_epochs", "0")
+    peak = 0.1 * 8 * 2 / 256
+    assert [p.lr for p in config.probes] == [pytest.approx(peak)]
     tokens_fn = engine.FrozenTokens(encoder, device="cpu")
-    probe_set = main_linprobe.build_probe_set(args, encoder, NUM_CLASSES)
+    probe_set, optimizer = build(config, encoder)
     start = probe_state(probe_set, "pos")
-    optimizer = main_linprobe.build_optimizer(args, probe_set)
     loader = build_loader(data, 8, train=True, seed=0)
     loader.set_epoch(0)
     batches = list(loader)
@@ -118,8 +129,9 @@ def test_accum_iter_steps_every_second_iteration_with_the_mean_gradient(encoder)
 
     optimizer.step = counting_step
     loader.set_epoch(0)
-    engine.train_one_epoch(tokens_fn, probe_set, loader, optimizer, None, 0, args)
-    assert len(seen_by_step) == 3
+    one_epoch(config, tokens_fn, probe_set, loader, optimizer)
+    assert len(seen_by_step) == 2
+    assert all(p.grad is None for p in probe_set.parameters())  # the partial group's gradients are not carried
 
     # Hand computation of the first step: SGD(momentum 0.9) starts with buf = grad, so w1 = w0 - lr * grad,
     # grad = mean of the two micro-batches' gradients, each micro-batch normalised by its own BatchNorm stats.
@@ -137,21 +149,35 @@ def test_accum_iter_steps_every_second_iteration_with_the_mean_gradient(encoder)
     for got, want in zip(seen_by_step[0], expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     # lr is set at iterations 0, 2, 4 only: the last value is the cosine schedule at epoch 4/5 (no warmup).
-    lr = args.lr * 0.5 * (1 + math.cos(math.pi * 4 / 5))
+    lr = peak * 0.5 * (1 + math.cos(math.pi * 4 / 5))
     assert optimizer.param_groups[0]["lr"] == pytest.approx(lr)
+
+
+def test_23_iterations_with_accum_2_make_11_optimizer_steps(encoder):
+    data = TensorDataset(torch.randn(46, 3, 32, 32), torch.randint(0, NUM_CLASSES, (46,)))
+    config = make_config("--cls_features", "pos", "--batch_size", "2", "--accum_iter", "2", "--epochs", "1",
+                         "--warmup_epochs", "0")
+    probe_set, optimizer = build(config, encoder)
+    steps = []
+    real_step = optimizer.step
+    optimizer.step = lambda *a, **k: (steps.append(1), real_step(*a, **k))[1]
+    loader = build_loader(data, 2, train=True, seed=0)
+    loader.set_epoch(0)
+    assert len(loader) == 23
+    one_epoch(config, engine.FrozenTokens(encoder, device="cpu"), probe_set, loader, optimizer)
+    assert len(steps) == 11
 
 
 def test_lr_warmup_value_after_an_epoch(encoder, dataset):
     # 48 images / 16 = 3 iterations; lr is set at iteration 2 last: lr * (2/3) / warmup_epochs.
-    args = make_args("--cls_features", "cls", "--blr", "0.1", "--batch_size", "16", "--epochs", "20",
-                     "--warmup_epochs", "10")
-    assert args.lr == pytest.approx(0.1 * 16 / 256)
+    config = make_config("--cls_features", "cls", "--blr", "0.1", "--batch_size", "16", "--epochs", "20",
+                         "--warmup_epochs", "10")
+    assert config.probes[0].lr == pytest.approx(0.1 * 16 / 256)
     tokens_fn = engine.FrozenTokens(encoder, device="cpu")
-    probe_set = main_linprobe.build_probe_set(args, encoder, NUM_CLASSES)
-    optimizer = main_linprobe.build_optimizer(args, probe_set)
+    probe_set, optimizer = build(config, encoder)
     loader = build_loader(dataset, 16, train=True, seed=0)
     loader.set_epoch(0)
-    stats, imgs_per_s = engine.train_one_epoch(tokens_fn, probe_set, loader, optimizer, None, 0, args)
+    stats, imgs_per_s = one_epoch(config, tokens_fn, probe_set, loader, optimizer)
     assert stats["cls"]["lr"] == pytest.approx(0.1 * 16 / 256 * (2 / 3) / 10)
     assert set(stats["cls"]) >= {"train_loss", "train_acc1", "train_acc5", "lr"}
     assert imgs_per_s > 0
@@ -191,14 +217,13 @@ def test_frozen_tokens_match_the_encoder_and_feed_autograd(encoder):
 
 
 def test_evaluate_matches_hand_counted_accuracy(encoder, dataset):
-    args = make_args("--cls_features", "cls,pos", "--blr", "1", "--batch_size", "16")
-    probe_set = main_linprobe.build_probe_set(args, encoder, NUM_CLASSES)
+    probe_set, _ = build(make_config("--cls_features", "cls,pos", "--blr", "1", "--batch_size", "16"), encoder)
     with torch.no_grad():  # make the two probes differ and predict something non-trivial
         for i, name in enumerate(probe_set.names):
             for p in get_probe(probe_set, name).parameters():
                 p.normal_(0, 1, generator=torch.Generator().manual_seed(10 + i))
     loader = build_loader(dataset, 16, train=False)
-    stats = engine.evaluate(engine.FrozenTokens(encoder, device="cpu"), probe_set, loader, args)
+    stats = engine.evaluate(engine.FrozenTokens(encoder, device="cpu"), probe_set, loader, device="cpu")
     images, targets = dataset.tensors
     with torch.no_grad():
         tokens = encoder.forward_tokens(images)
@@ -213,16 +238,15 @@ def test_evaluate_matches_hand_counted_accuracy(encoder, dataset):
 
 
 def test_non_finite_loss_names_the_probe(encoder, dataset):
-    args = make_args("--cls_features", "cls,pos", "--blr", "1", "--batch_size", "16", "--epochs", "1")
-    probe_set = main_linprobe.build_probe_set(args, encoder, NUM_CLASSES)
+    config = make_config("--cls_features", "cls,pos", "--blr", "1", "--batch_size", "16", "--epochs", "1")
+    probe_set, optimizer = build(config, encoder)
     with torch.no_grad():
         for p in get_probe(probe_set, "pos_blr1").parameters():
             p.fill_(float("nan"))
-    optimizer = main_linprobe.build_optimizer(args, probe_set)
     loader = build_loader(dataset, 16, train=True)
     loader.set_epoch(0)
     with pytest.raises(engine.NonFiniteLoss, match="pos_blr1"):
-        engine.train_one_epoch(engine.FrozenTokens(encoder, device="cpu"), probe_set, loader, optimizer, None, 0, args)
+        one_epoch(config, engine.FrozenTokens(encoder, device="cpu"), probe_set, loader, optimizer)
 
 
 class CountingTokens:
@@ -237,20 +261,70 @@ class CountingTokens:
 
 
 def test_cached_eval_tokens_equal_fresh_ones_and_skip_the_encoder(encoder, dataset):
-    if not hasattr(engine, "EvalTokenCache"):
-        pytest.skip("engine_linprobe has no EvalTokenCache (--cache_eval_features) yet")
-    args = make_args("--cls_features", "cls,abmilp", "--blr", "1", "--batch_size", "16")
-    probe_set = main_linprobe.build_probe_set(args, encoder, NUM_CLASSES)
+    probe_set, _ = build(make_config("--cls_features", "cls,abmilp", "--blr", "1", "--batch_size", "16"), encoder)
     loader = build_loader(dataset, 16, train=False)
-    fresh = engine.evaluate(engine.FrozenTokens(encoder, device="cpu"), probe_set, loader, args)
+    fresh = engine.evaluate(engine.FrozenTokens(encoder, device="cpu"), probe_set, loader, device="cpu")
     tokens_fn, cache = CountingTokens(encoder), engine.EvalTokenCache(1.0)
-    first = engine.evaluate(tokens_fn, probe_set, loader, args, cache=cache)
+    first = engine.evaluate(tokens_fn, probe_set, loader, device="cpu", cache=cache)
     assert tokens_fn.calls == len(loader)
-    second = engine.evaluate(tokens_fn, probe_set, loader, args, cache=cache)
+    second = engine.evaluate(tokens_fn, probe_set, loader, device="cpu", cache=cache)
     assert tokens_fn.calls == len(loader)  # the second evaluation ran no encoder forward
     assert first == fresh and second == fresh
     # a budget smaller than one batch of tokens: nothing is kept, every evaluation runs the encoder, same numbers
     tokens_fn, tiny = CountingTokens(encoder), engine.EvalTokenCache(1e-9)
     for _ in range(2):
-        assert engine.evaluate(tokens_fn, probe_set, loader, args, cache=tiny) == fresh
+        assert engine.evaluate(tokens_fn, probe_set, loader, device="cpu", cache=tiny) == fresh
     assert tokens_fn.calls == 2 * len(loader)
+
+
+# timm architectures of each family, tiny, at an input size that gives a 4x4 patch grid (room for cp4/ca4)
+FAMILIES = {
+    "registers": ("vit_small_patch14_reg4_dinov2", dict(embed_dim=32, depth=2, num_heads=2), 56),
+    "relative position bias": ("beitv2_base_patch16_224", dict(patch_size=8, embed_dim=32, depth=2, num_heads=2), 32),
+    "registers, no [cls]": ("vit_medium_patch16_reg4_gap_256", dict(patch_size=8, embed_dim=32, depth=2,
+                                                                    num_heads=2), 32),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_head_runs_on_every_family(family):
+    name, arch, size = FAMILIES[family]
+    torch.manual_seed(0)
+    enc = build_encoder(name, input_size=size, verbose=False, **arch)
+    oracle = build_encoder("vit_tiny_patch16", input_size=size, patch_size=size // 4, embed_dim=32, depth=2,
+                           num_heads=2, verbose=False)
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+    batch = engine.FrozenTokens(enc, need_attention=True, oracle=oracle)(images)
+    tokens = enc.num_prefix_tokens + 16
+    assert batch.tokens.shape == (2, tokens, 32) and batch.attn.shape == (2, 2, tokens, tokens)
+    assert batch.num_prefix == enc.num_prefix_tokens and batch.patches.shape == (2, 16, 32)
+    for head, spec in HEADS.items():
+        if spec.needs_cls and not enc.has_class_token:
+            with pytest.raises(ValueError, match="\\[cls\\]"):
+                build_probe(head, 32, 3, enc.grid_size, enc.num_prefix_tokens, has_cls=False)
+            continue
+        probe = build_probe(head, 32, 3, enc.grid_size, enc.num_prefix_tokens, has_cls=enc.has_class_token).eval()
+        logits = probe(batch)
+        assert logits.shape == (2, 3) and torch.isfinite(logits).all(), head
+        if probe.attention_map is not None:
+            assert probe.attention_map.shape[-1] == 16, head  # weights over the patches, never the registers
+
+
+def test_without_attention_heads_the_forward_stays_fused(monkeypatch):
+    name, arch, size = FAMILIES["relative position bias"]
+    enc = build_encoder(name, input_size=size, verbose=False, **arch)
+    images = torch.randn(2, 3, size, size)
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("attention probabilities were recomputed")
+    monkeypatch.setattr(models_vit, "attention_probabilities", no_capture)
+    assert engine.FrozenTokens(enc).__call__(images).attn is None
+    with pytest.raises(AssertionError, match="recomputed"):  # the attention-reading path does recompute them
+        engine.FrozenTokens(enc, need_attention=True)(images)
+
+
+def test_frozen_tokens_refuse_blocks_outside_the_encoder(encoder):
+    assert engine.FrozenTokens(encoder, block=-2).block == 0
+    for block in (2, -3):
+        with pytest.raises(ValueError, match=f"block {block} does not exist in a 2-block encoder"):
+            engine.FrozenTokens(encoder, block=block)

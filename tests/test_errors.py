@@ -10,9 +10,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
-from helpers import (TINY, assert_user_error, cli_env, make_image_folder, output_dir_with_sentinel, run_cli,
-                     snapshot, write_mae_checkpoint)
+from helpers import (
+    TINY,
+    assert_user_error,
+    cli_env,
+    free_port,
+    make_image_folder,
+    output_dir_with_sentinel,
+    run_cli,
+    snapshot,
+    write_mae_checkpoint,
+)
+from models_vit import build_encoder
 
 STATS = ["--device", "cpu", "--num_workers", "0", "--model", "vit_tiny_patch16"]  # main_attention_stats.py
 
@@ -25,6 +36,7 @@ class Case:
     script: str = "main_linprobe.py"
     env: dict = None
     progress_allowed: bool = False  # the error comes mid-epoch, after the progress bar started
+    allowed_lines: list = field(default_factory=list)  # other stderr lines the run may print before the error
     sentinel: bool = True  # give the run an existing --output_dir holding a user's file
 
 
@@ -95,6 +107,25 @@ def corrupt_image_in_a_worker(tmp, shared):
 
 
 @case
+def named_dataset_absent_offline(tmp, shared):
+    return Case(["--data_path", f"flowers102:{tmp / 'datasets'}"],
+                [f"flowers102 not found under {tmp / 'datasets'}", str(tmp / "datasets" / "flowers-102"), "--download"])
+
+
+@case
+def stanford_cars_absent(tmp, shared):
+    return Case(["--data_path", f"cars:{tmp}", "--download"], [str(tmp / "stanford_cars"), "by hand"])
+
+
+@case
+def train_list_naming_images_the_data_lacks(tmp, shared):
+    listed = tmp / "1percent.txt"
+    listed.write_text("class_0/img_0.png\n" + "".join(f"n0144076{i}_10026.JPEG\n" for i in range(7)))
+    return Case(["--data_path", shared.data, "--train_list", listed],
+                ["7 of the 8 images listed", "n01440760_10026.JPEG", "and 2 more", "--train_list"])
+
+
+@case
 def nb_classes_smaller_than_the_data(tmp, shared):
     return Case(["--data_path", shared.data, "--nb_classes", 1], ["--nb_classes 1", "2 classes"])
 
@@ -111,7 +142,7 @@ def checkpoint_path_missing(tmp, shared):
 def file_that_is_not_a_checkpoint(tmp, shared):
     junk = tmp / "notes.pth"
     junk.write_text("I am a text file with a .pth name\n")
-    return Case(["--data_path", shared.data, "--finetune", junk], [str(junk), "not a torch checkpoint"])
+    return Case(["--data_path", shared.data, "--finetune", junk], [str(junk), "not a torch"])
 
 
 @case
@@ -129,6 +160,30 @@ def checkpoint_of_another_architecture(tmp, shared):
     return Case(["--data_path", shared.data, "--finetune", small],
                 ["does not fit vit_tiny_patch16", "missing: blocks.",
                  "patch_embed.proj.weight (64, 3, 16, 16) vs (192, 3, 16, 16)"])
+
+
+@case
+def recognised_layout_of_another_architecture(tmp, shared):
+    # an I-JEPA training checkpoint (no [cls], patch 8, 64 wide, 2 blocks) probed as MAE's vit_tiny_patch16
+    torch.manual_seed(0)
+    encoder = build_encoder("vit_tiny_patch16", input_size=32, no_cls_token=True, patch_size=8, embed_dim=64,
+                            depth=2, num_heads=2, verbose=False).state_dict()
+    wrapped = {f"module.{k}": v for k, v in encoder.items()}
+    path = tmp / "IN1K-vit.h.14-300e.pth.tar"
+    torch.save({"encoder": wrapped, "target_encoder": wrapped, "predictor": {}, "epoch": 1}, path)
+    return Case(["--data_path", shared.data, "--finetune", path],
+                [f"I-JEPA checkpoint {path}, sub-model 'target_encoder'", "does not fit vit_tiny_patch16",
+                 "patch_embed.proj.weight (64, 3, 8, 8) vs (192, 3, 16, 16)", "--model"])
+
+
+@case
+def checkpoint_with_non_finite_weights(tmp, shared):
+    state = torch.load(shared.mae_checkpoint, weights_only=True)
+    state["model"]["blocks.3.mlp.fc2.weight"][0, 0] = float("nan")
+    path = tmp / "diverged.pth"
+    torch.save(state, path)
+    return Case(["--data_path", shared.data, "--finetune", path],
+                ["non-finite weights: blocks.3.mlp.fc2.weight (1 NaN, 0 inf)", "diverged"])
 
 
 @case
@@ -190,6 +245,119 @@ def auto_resume_in_a_folder_of_another_head_configuration(tmp, shared):
     previous = shared.previous_run()  # the earlier run's own folder: every byte there must survive
     return Case(["--data_path", shared.data, "--cls_features", "pos", "--output_dir", previous],
                 [str(previous / "checkpoint-last.pth")], sentinel=False)
+
+
+def copy_previous(tmp, shared):
+    """A copy of the finished 1-epoch run's folder: each case resumes its own (runs hold a folder's lock)."""
+    return Path(shutil.copytree(shared.previous_run(), tmp / "previous", ignore=shutil.ignore_patterns(".lock")))
+
+
+@case
+def auto_resume_with_another_blr(tmp, shared):
+    return Case(["--data_path", shared.data, "--cls_features", "cls", "--blr", "20", "--output_dir",
+                 copy_previous(tmp, shared)], ["lrs=", "--resume"], sentinel=False)
+
+
+@case
+def auto_resume_with_another_data_path(tmp, shared):
+    return Case(["--data_path", copy_data(tmp, shared), "--cls_features", "cls", "--output_dir",
+                 copy_previous(tmp, shared)], ["data=", "another --output_dir"], sentinel=False)
+
+
+@case
+def auto_resume_with_another_input_size(tmp, shared):
+    return Case(["--data_path", shared.data, "--cls_features", "cls", "--input_size", 48, "--output_dir",
+                 copy_previous(tmp, shared)], ["input_size=32", "input_size=48"], sentinel=False)
+
+
+@case
+def auto_resume_with_another_encoder(tmp, shared):
+    return Case(["--data_path", shared.data, "--cls_features", "cls", "--finetune", shared.mae_checkpoint,
+                 "--output_dir", copy_previous(tmp, shared)], ["encoder='random init'"], sentinel=False)
+
+
+@case
+def auto_resume_with_a_training_subset(tmp, shared):
+    return Case(["--data_path", shared.data, "--cls_features", "cls", "--train_per_class", 2, "--output_dir",
+                 copy_previous(tmp, shared)], ["train_subset='full'", "train_subset='2-shot (seed 0): 4 images",
+                                              "--resume"], sentinel=False)
+
+
+@case
+def auto_resume_of_a_truncated_checkpoint(tmp, shared):
+    previous = copy_previous(tmp, shared)
+    last = previous / "checkpoint-last.pth"
+    last.write_bytes(last.read_bytes()[:2000])
+    return Case(["--data_path", shared.data, "--cls_features", "cls", "--output_dir", previous],
+                [str(last), "delete"], sentinel=False)
+
+
+@case
+def eval_on_renamed_classes(tmp, shared):
+    root = copy_data(tmp, shared)
+    for split in ("train", "val"):
+        (root / split / "class_0").rename(root / split / "zebra")
+    checkpoint = shared.previous_run() / "checkpoint-last.pth"
+    return Case(["--data_path", root, "--cls_features", "cls", "--eval", "--resume", checkpoint],
+                ["classes=", "zebra"])
+
+
+# ---------------------------------------------------------------------------------------- numeric flags
+
+def flag_case(flags, *fragments):
+    return lambda tmp, shared: Case(["--data_path", shared.data, *flags], list(fragments))
+
+
+for _name, _flags, _fragments in [
+    ("blr_nan", ["--blr", "nan"], ["--blr nan", "finite"]),
+    ("lr_negative", ["--lr", "-1"], ["--lr -1"]),
+    ("min_lr_nan", ["--min_lr", "nan"], ["--min_lr nan"]),
+    ("min_lr_negative", ["--min_lr", "-5"], ["--min_lr -5"]),
+    ("min_lr_above_the_lr", ["--min_lr", "100"], ["--min_lr 100", "peak lr"]),
+    ("knn_k_zero", ["--knn", "--knn_k", "0"], ["--knn_k 0"]),
+    ("knn_k_negative", ["--knn", "--knn_k", "-5"], ["--knn_k -5"]),
+    ("knn_temperature_zero", ["--knn", "--knn_temperature", "0"], ["--knn_temperature 0"]),
+    ("knn_temperature_negative", ["--knn", "--knn_temperature", "-0.07"], ["--knn_temperature -0.07"]),
+    ("input_size_zero", ["--input_size", "0"], ["--input_size 0"]),
+    ("seed_negative", ["--seed", "-1"], ["--seed -1"]),
+    ("unknown_device", ["--device", "tpu"], ["--device 'tpu'"]),
+    ("return_block_past_the_last", ["--return_block", "12"], ["--return_block 12", "12-block"]),
+    ("return_block_before_the_first", ["--return_block", "-13"], ["--return_block -13"]),
+    ("start_epoch_past_the_end", ["--start_epoch", "5", "--epochs", "1"], ["--start_epoch 5"]),
+    ("weight_decay_inf", ["--weight_decay", "inf"], ["--weight_decay inf"]),
+    ("ep_queries_not_dividing", ["--cls_features", "ep", "--ep_queries", "5"], ["--ep_queries 5", "divisor"]),
+    ("map_heads_zero", ["--cls_features", "map", "--map_heads", "0"], ["--map_heads 0"]),
+    ("abmilp_depth_zero", ["--cls_features", "abmilp", "--abmilp_depth", "0"], ["--abmilp_depth 0"]),
+    ("cache_size_negative", ["--cache_eval_features", "-1"], ["--cache_eval_features -1"]),
+]:
+    CASES[_name] = flag_case(_flags, *_fragments)
+
+
+@case
+def oracle_checkpoint_missing(tmp, shared):
+    return Case(["--data_path", shared.data, "--cls_features", "oracle", "--oracle", tmp / "dino.pth"],
+                [str(tmp / "dino.pth"), "--oracle"])
+
+
+@case
+def oracle_is_a_folder(tmp, shared):
+    return Case(["--data_path", shared.data, "--cls_features", "oracle", "--oracle", tmp],
+                [str(tmp), "--oracle"])
+
+
+@case
+def stale_rank_and_world_size_without_a_master(tmp, shared):
+    env = cli_env(RANK=0, WORLD_SIZE=2, LOCAL_RANK=0, MASTER_ADDR=None, MASTER_PORT=None)
+    return Case(["--data_path", shared.data], ["RANK=0", "WORLD_SIZE=2", "unset RANK"], env=env)
+
+
+@case
+def stale_rank_and_world_size_nobody_joins(tmp, shared):
+    env = cli_env(RANK=0, WORLD_SIZE=2, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(),
+                  BEYOND_CLS_RENDEZVOUS_TIMEOUT=3)
+    case = Case(["--data_path", shared.data], ["did not join within 3 s", "unset RANK"], env=env)
+    case.allowed_lines = ["waiting up to 3 s for 2 processes"]
+    return case
 
 
 # -------------------------------------------------------------------------------------- attention stats
@@ -262,7 +430,8 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name", list(CASES))
 def test_user_error(runs, name):
     outcome = runs[name].result()
-    assert_user_error(outcome.done, *outcome.case.fragments, progress_allowed=outcome.case.progress_allowed)
+    assert_user_error(outcome.done, *outcome.case.fragments, progress_allowed=outcome.case.progress_allowed,
+                      allowed_lines=outcome.case.allowed_lines)
     if outcome.before is not None:
         after = snapshot(outcome.out)
         changed = [p for p in outcome.before if after.get(p, "gone") != outcome.before[p]]

@@ -8,7 +8,6 @@ import torch
 import torch.nn as nn
 
 from heads import HEADS, HeadOptions, Probe, TokenBatch, build_probe, describe_heads, resolve_head
-from util.errors import UserError
 
 GRID = (3, 4)  # non-square on purpose
 N = GRID[0] * GRID[1]
@@ -125,7 +124,7 @@ def test_oracle_weights_are_the_renormalised_oracle_attention():
     oracle = batch.oracle_attn.numpy()
     np.testing.assert_allclose(got, oracle / oracle.sum(1, keepdims=True), atol=1e-6)
     batch.oracle_attn = torch.rand(2, N + 1)
-    with pytest.raises(UserError, match="same patch grid"):
+    with pytest.raises(ValueError, match="same patch grid"):
         aggregate("oracle", batch)
 
 
@@ -165,7 +164,8 @@ def test_learned_attention_maps_shape_and_meaning():
     assert ep.attention_map.shape == (2, 4, N)
     values = ep.aggregation.value(x).reshape(2, N, 4, 8)
     for q in range(4):  # query q pools slice q of the value projection with its own weights
-        assert torch.allclose(out[:, q * 8:(q + 1) * 8], torch.einsum("bn,bnc->bc", ep.attention_map[:, q], values[:, :, q]), atol=1e-5)
+        pooled = torch.einsum("bn,bnc->bc", ep.attention_map[:, q], values[:, :, q])
+        assert torch.allclose(out[:, q * 8:(q + 1) * 8], pooled, atol=1e-5)
 
     simpool = build_probe("simpool", 32, 4, GRID, 1)
     out = simpool.aggregation(batch)
@@ -233,28 +233,41 @@ def test_one_batch_overfit(name, options, one_thread):
 
 # ---- construction, errors, table ----
 
-def test_probe_is_bn_then_linear_initialised_like_mae():
+def test_probe_is_bn_then_linear_initialised_like_the_papers_code():
+    # nn.Linear's default: weight and bias ~ U(-1/sqrt(d), 1/sqrt(d)), std 1/sqrt(3d)
     torch.manual_seed(0)
-    probe = build_probe("pos", 256, 1000, (14, 14), 1)
+    d = 256
+    probe = build_probe("pos", d, 1000, (14, 14), 1)
     assert isinstance(probe, Probe) and probe.norm.affine is False and probe.norm.eps == 1e-6
+    weight, bias, bound = probe.classifier.weight, probe.classifier.bias, 1 / math.sqrt(d)
+    assert weight.shape == (1000, d)
+    for values in (weight, bias):
+        assert values.abs().max().item() <= bound and values.abs().max().item() > 0.98 * bound
+    assert abs(weight.std().item() - bound / math.sqrt(3)) < 0.01 * bound / math.sqrt(3)
+    assert abs(bias.std().item() - bound / math.sqrt(3)) < 0.06 * bound / math.sqrt(3)  # 1,000 draws only
+
+
+def test_probe_initialised_like_mae_on_request():
+    torch.manual_seed(0)
+    probe = build_probe("pos", 256, 1000, (14, 14), 1, HeadOptions(head_init="mae"))
     weight = probe.classifier.weight
-    assert weight.shape == (1000, 256) and torch.all(probe.classifier.bias == 0)
+    assert torch.all(probe.classifier.bias == 0)
     assert 0.0097 < weight.std().item() < 0.0103 and abs(weight.mean().item()) < 5e-4
 
 
 def test_errors():
-    with pytest.raises(UserError, match="choose from cls, pos"):
+    with pytest.raises(ValueError, match="the heads are cls, pos"):
         resolve_head("gap")
     for name in ("cls", "both", "attn-mn", "attn-lcte"):
-        with pytest.raises(UserError, match="\\[cls\\]"):
+        with pytest.raises(ValueError, match="\\[cls\\]"):
             build_probe(name, 32, 4, GRID, 0)
     for name in ("pos", "abmilp", "cp2", "ca2", "ep", "simpool", "map", "oracle"):
         build_probe(name, 32, 4, GRID, 0)  # patch-token heads work without [cls]
-    with pytest.raises(UserError, match="centre crop"):
+    with pytest.raises(ValueError, match="centre crop"):
         build_probe("cp4", 32, 4, GRID, 1)
-    with pytest.raises(UserError, match="--ep_queries"):
+    with pytest.raises(ValueError, match="5 queries do not divide"):
         build_probe("ep", 32, 4, GRID, 1, HeadOptions(ep_queries=5))
-    with pytest.raises(UserError, match="--map_heads"):
+    with pytest.raises(ValueError, match="5 attention heads do not divide"):
         build_probe("map", 32, 4, GRID, 1, HeadOptions(map_heads=5))
 
 
@@ -285,3 +298,13 @@ def test_describe_heads_counts_vit_b_parameters():
     assert rows["ep"].n_params == 32 * d + d * d
     assert rows["simpool"].n_params == 2 * d + 2 * d * d
     assert rows["map"].n_params == d + (d * d + d) + (2 * d * d + 2 * d)
+
+
+def test_registers_without_cls_refuse_cls_heads_and_never_count_as_patches():
+    batch = one_hot_batch(num_prefix=4)  # four registers, no [cls]
+    for name in ("cls", "both", "attn-mn", "attn-lcte"):
+        with pytest.raises(ValueError, match="\\[cls\\]"):
+            build_probe(name, 16, 4, GRID, 4, has_cls=False)
+    probe = build_probe("pos", 16, 4, GRID, 4, has_cls=False)
+    assert np.allclose(probe.aggregation(batch)[:, :N].numpy(), 1 / N)  # the mean of the N one-hot patches only
+    assert build_probe("cls", 16, 4, GRID, 5, has_cls=True).aggregation(batch).shape == (2, 16)

@@ -1,18 +1,17 @@
 """Learning-rate schedule vs closed-form values at chosen iterations."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from util.lr_sched import adjust_learning_rate, scaled_lr
+from util.lr_sched import WarmupCosine, scaled_lr
 
-ARGS = SimpleNamespace(lr=0.4, min_lr=0.01, warmup_epochs=10, epochs=90)
+SCHEDULE = WarmupCosine(epochs=90, warmup_epochs=10, min_lr=0.01)
 
 
-def _optimizer():
-    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
-    return torch.optim.SGD([{"params": [a]}, {"params": [b], "lr_scale": 0.25}], lr=123.0)
+def _optimizer(*peaks):
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in peaks]
+    return torch.optim.SGD([{"params": [p], "peak_lr": peak} for p, peak in zip(params, peaks)], lr=123.0)
 
 
 @pytest.mark.parametrize("epoch, expected", [
@@ -25,18 +24,18 @@ def _optimizer():
     (90.0, 0.01),                                 # end: min_lr
 ])
 def test_schedule_values(epoch, expected):
-    opt = _optimizer()
-    lr = adjust_learning_rate(opt, epoch, ARGS)
-    assert lr == pytest.approx(expected, abs=1e-12)
+    assert SCHEDULE.lr(epoch, 0.4) == pytest.approx(expected, abs=1e-12)
+    opt = _optimizer(0.4, 0.1)
+    SCHEDULE.apply(opt, epoch)
     assert opt.param_groups[0]["lr"] == pytest.approx(expected, abs=1e-12)
-    assert opt.param_groups[1]["lr"] == pytest.approx(0.25 * expected, abs=1e-12)
+    # every group follows its own peak and ends at the same absolute min_lr
+    other = 0.1 * epoch / 10 if epoch < 10 else 0.01 + (0.1 - 0.01) * (expected - 0.01) / 0.39
+    assert opt.param_groups[1]["lr"] == pytest.approx(other, abs=1e-12)
 
 
 def test_no_warmup_and_all_warmup_do_not_divide_by_zero():
-    assert adjust_learning_rate(_optimizer(), 0.0, SimpleNamespace(lr=1.0, min_lr=0.0, warmup_epochs=0,
-                                                                   epochs=5)) == pytest.approx(1.0)
-    assert adjust_learning_rate(_optimizer(), 0.5, SimpleNamespace(lr=1.0, min_lr=0.0, warmup_epochs=1,
-                                                                   epochs=1)) == pytest.approx(0.5)
+    assert WarmupCosine(epochs=5, warmup_epochs=0).lr(0.0, 1.0) == pytest.approx(1.0)
+    assert WarmupCosine(epochs=1, warmup_epochs=1).lr(0.5, 1.0) == pytest.approx(0.5)
 
 
 def test_scaled_lr():

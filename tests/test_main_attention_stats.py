@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +13,12 @@ import torch
 from PIL import Image
 
 import main_attention_stats
+from helpers import ROOT
 from models_vit import build_encoder
 from util.attention_metrics import CLS_METRICS, PATCH_METRICS
 from util.data import build_image_set
 from util.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
 EMBED, DEPTH, HEADS = 192, 12, 3  # vit_tiny_patch16
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -156,8 +155,13 @@ def test_compare_overlays_runs(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--data_path", "/nonexistent/images"], "does not exist"),
     (["--finetune", "/nonexistent/ckpt.pth"], "checkpoint /nonexistent/ckpt.pth does not exist"),
-    (["--finetune", "NOTACKPT"], "is not a torch checkpoint"),
-    (["--input_size", "40"], "--input_size 40 is not a positive multiple of the patch size 16"),
+    (["--finetune", "NOTACKPT"], "is not a torch or safetensors checkpoint"),
+    (["--finetune", "FOLDER"], "is a folder"),
+    (["--input_size", "40"], "--input_size 40 is not divisible by the patch size 16"),
+    (["--input_size", "0"], "--input_size 0 must be positive"),
+    (["--seed", "-1"], "--seed -1 is out of range"),
+    (["--compare", "EMPTYRUN"], "holds no statistics"),
+    (["--compare", "BADRUN"], "not a number"),
     (["--batch_size", "0"], "--batch_size 0 must be at least 1"),
     (["--max_images", "0"], "--max_images 0 must be at least 1"),
     (["--checkpoint_key", "teacher", "--finetune", "CKPT"], "has no 'teacher' entry"),
@@ -173,7 +177,14 @@ def test_bad_inputs_are_one_line_user_errors_and_touch_nothing(tmp_path, argv, m
     flat.mkdir()
     Image.new("L", (40, 40), 128).save(flat / "gray.png")
     (flat / "broken.jpg").write_bytes(b"not a jpeg")
-    argv = [{"NOTACKPT": str(not_a_checkpoint), "CKPT": str(ckpt), "FLAT": str(flat)}.get(a, a) for a in argv]
+    runs = {}
+    for name, text in (("EMPTYRUN", ""), ("BADRUN", "block,nmi\n0,zero\n")):
+        runs[name] = tmp_path / name
+        runs[name].mkdir()
+        (runs[name] / "attention_stats.csv").write_text(text)
+    names = {"NOTACKPT": str(not_a_checkpoint), "CKPT": str(ckpt), "FLAT": str(flat), "FOLDER": str(tmp_path),
+             **{k: str(v) for k, v in runs.items()}}
+    argv = [names.get(a, a) for a in argv]
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("keep")
@@ -199,3 +210,47 @@ def test_cli_error_is_one_line_on_stderr_with_exit_code_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_a_reused_folder_holds_only_the_new_runs_outputs(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "plot_cls_cls_attention.png").write_bytes(PNG_MAGIC)  # an earlier run of an encoder with [cls]
+    (out / "tsne_images.png").write_bytes(PNG_MAGIC)
+    (out / "notes.txt").write_text("mine")
+    encoder_without_cls = tmp_path / "ijepa.pth"
+    save_mae_checkpoint(encoder_without_cls, no_cls_token=True)
+    run_main("--model", "vit_tiny_patch16", "--input_size", "32", "--no_cls_token", "--finetune",
+             str(encoder_without_cls), "--output_dir", str(out))
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == sorted(f"plot_{m}.png" for m in PATCH_METRICS)  # the stale [cls] plot and t-SNE are gone
+    assert (out / "notes.txt").read_text() == "mine"  # files that are not ours stay
+
+
+@pytest.mark.parametrize("name,has_cls", [("vit_small_patch14_reg4_dinov2", True),
+                                          ("vit_medium_patch16_reg4_gap_256", False)])
+def test_register_encoders_keep_registers_out_of_cls_and_patches(name, has_cls):
+    """Token 0 is [cls] when there is one; registers are neither [cls] nor patches in any output."""
+    patch = 14 if "dinov2" in name else 8
+    size, prefix = 4 * patch, int(has_cls) + 4
+    torch.manual_seed(0)
+    encoder = build_encoder(name, input_size=size, patch_size=patch, embed_dim=32, depth=2, num_heads=2,
+                            verbose=False)
+    images = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(1))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.arange(5)), batch_size=5)
+    embeddings = main_attention_stats.EmbeddingSamples(0)
+    stats, _, maps = main_attention_stats.measure(encoder, loader, "cpu", "none", embeddings)
+    assert {k for k in stats.result()[1] if not k.endswith("_per_head")} == set(CLS_METRICS if has_cls
+                                                                                 else PATCH_METRICS)
+    with torch.no_grad():
+        tokens = encoder.forward_tokens(images)
+        last = encoder.blocks[-1]
+        x = last.norm1(encoder.forward_tokens(images, block=0))
+        q, k, _ = last.attn.qkv(x).reshape(5, 20 + int(has_cls), 3, 2, 16).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * 16 ** -0.5).softmax(-1)
+    features = torch.cat(embeddings.images)
+    if has_cls:
+        assert torch.allclose(features, tokens[:, 0], atol=1e-6)
+        assert torch.allclose(maps, attn[:, :, 0, prefix:].mean(1).reshape(5, 4, 4), atol=1e-6)
+    else:
+        assert maps is None and torch.allclose(features, tokens[:, prefix:].mean(1), atol=1e-6)

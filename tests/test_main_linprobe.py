@@ -4,9 +4,7 @@ The smallest encoder the CLI accepts is vit_tiny_patch16; at --input_size 32 it 
 the 1,437 training digits takes about a second. Runs shared by several tests are module-scoped fixtures.
 """
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +13,9 @@ import pytest
 import torch
 
 import main_linprobe
+from helpers import DIGITS_BASE as DIGITS
+from helpers import ROOT, cli_env, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
-DIGITS = ["--data_path", "digits", "--model", "vit_tiny_patch16", "--input_size", "32", "--num_workers", "0",
-          "--device", "cpu"]
 HEADS, BLRS, GRID_EPOCHS = ["cls", "pos", "abmilp"], ["0.1", "200"], 4
 # The paper's published command (issue 3, item 1), flags verbatim.
 PAPER_COMMAND = ["--amp", "bfloat16", "--num_workers", "16", "--dataloader_affinity_hack", "--epochs", "90",
@@ -31,9 +28,7 @@ PAPER_COMMAND = ["--amp", "bfloat16", "--num_workers", "16", "--dataloader_affin
 def env():
     # One thread per process: on a shared 2-core machine, OpenMP threads spinning against other jobs made these
     # runs ~10x slower (measured 61 s vs 6 s for the same 2 epochs); results are the same.
-    e = dict(os.environ, MPLBACKEND="Agg", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    e.pop("WANDB_PROJECT", None)
-    return e
+    return cli_env(OMP_NUM_THREADS=1)
 
 
 def run(*args, launcher=(), timeout=300):
@@ -56,14 +51,13 @@ def last_probes(folder):
 @pytest.fixture(scope="module")
 def grid_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("grid")
-    knn = ["--knn", "--knn_k", "5,20"] if "--knn" in main_linprobe.get_args_parser().format_help() else []
     done = run(*DIGITS, "--cls_features", ",".join(HEADS), "--blr", ",".join(BLRS), "--epochs", str(GRID_EPOCHS),
-               "--warmup_epochs", "1", "--batch_size", "128", "--output_dir", out, *knn)
-    return out, done, bool(knn)
+               "--warmup_epochs", "1", "--batch_size", "128", "--output_dir", out, "--knn", "--knn_k", "5,20")
+    return out, done
 
 
 def test_results_table_lists_every_head_and_lr(grid_run):
-    out, done, _ = grid_run
+    out, done = grid_run
     names = {f"{h}_blr{b}" for h in HEADS for b in BLRS}
     rows = [r for r in json.loads((out / "results.json").read_text()) if not r["probe"].startswith("knn")]
     assert {r["probe"] for r in rows} == names and len(rows) == len(names)
@@ -88,7 +82,7 @@ def test_results_table_lists_every_head_and_lr(grid_run):
 
 
 def test_digits_are_learned_well_above_chance(grid_run):
-    out, _, _ = grid_run
+    out, _ = grid_run
     best = {r["probe"]: r["best_acc1"] for r in json.loads((out / "results.json").read_text())}
     # Random-init ViT-Tiny, 4 epochs, blr 200 (lr 100): measured cls 62.50%, pos 58.61% (chance is 10%).
     assert best["cls_blr200"] > 30, best
@@ -96,7 +90,7 @@ def test_digits_are_learned_well_above_chance(grid_run):
 
 
 def test_progress_bar_and_final_line(grid_run):
-    out, done, _ = grid_run
+    out, done = grid_run
     text = done.stdout + done.stderr
     assert "img_s=" in text  # tqdm postfix
     final = [line for line in done.stdout.splitlines() if "best acc1" in line]
@@ -105,9 +99,7 @@ def test_progress_bar_and_final_line(grid_run):
 
 
 def test_knn_rows_join_the_results_table(grid_run):
-    out, done, has_knn = grid_run
-    if not has_knn:
-        pytest.skip("main_linprobe.py has no --knn yet")
+    out, done = grid_run
     knn = [r for r in json.loads((out / "results.json").read_text()) if r["probe"].startswith("knn")]
     assert knn, "no k-NN rows in results.json"
     assert {r["head"] for r in knn} >= {"knn-cls", "knn-mean"}
@@ -126,22 +118,22 @@ SINGLE = [*DIGITS, "--cls_features", "cls", "--blr", "0.1", "--batch_size", "64"
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
-    cache = ["--cache_eval_features", "1"] if "--cache_eval_features" in \
-        main_linprobe.get_args_parser().format_help() else []
-    done = run(*SINGLE, "--epochs", "2", "--output_dir", out, *cache)
-    return out, done, bool(cache)
+    done = run(*SINGLE, "--epochs", "2", "--output_dir", out, "--cache_eval_features", "1")
+    return out, done
 
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
     out = tmp_path_factory.mktemp("resumed")
     run(*SINGLE, "--epochs", "1", "--output_dir", out)
-    done = run(*SINGLE, "--epochs", "2", "--output_dir", out)  # auto-resume from checkpoint-last.pth
+    # Another --epochs is another experiment: auto-resume refuses it, an explicit --resume continues it. Both
+    # epochs are inside the 10-epoch warmup, so the lrs are those of an uninterrupted 2-epoch run.
+    done = run(*SINGLE, "--epochs", "2", "--output_dir", out, "--resume", out / "checkpoint-last.pth")
     return out, done
 
 
 def test_single_head_keeps_mae_flat_log_keys(uninterrupted):
-    out, _, _ = uninterrupted
+    out, _ = uninterrupted
     lines = log_lines(out)
     assert len(lines) == 2
     for line in lines:
@@ -152,7 +144,7 @@ def test_single_head_keeps_mae_flat_log_keys(uninterrupted):
 
 
 def test_lr_is_blr_times_effective_batch_over_256_with_warmup(uninterrupted):
-    out, done, _ = uninterrupted
+    out, done = uninterrupted
     peak = 0.1 * 64 * 2 / 256  # 0.05
     assert re.search(r"lr = .*0\.05\b", done.stdout), done.stdout[:500]
     # 1,437 images / 64 = 22 full batches; with accum 2 the lr is set at iterations 0, 2, ..., 20, so the
@@ -164,7 +156,7 @@ def test_lr_is_blr_times_effective_batch_over_256_with_warmup(uninterrupted):
 
 def test_resume_reproduces_the_uninterrupted_head_exactly(uninterrupted, resumed):
     straight, resumed_out = uninterrupted[0], resumed[0]
-    assert "resumed" in resumed[1].stdout
+    assert "resumed" in resumed[1].stdout and "resuming with changed settings: epochs" in resumed[1].stderr
     a, b = last_probes(straight), last_probes(resumed_out)
     assert a.keys() == b.keys()
     for key in a:
@@ -173,9 +165,7 @@ def test_resume_reproduces_the_uninterrupted_head_exactly(uninterrupted, resumed
 
 
 def test_cached_eval_tokens_give_the_same_accuracy(uninterrupted, resumed):
-    straight, _, cached = uninterrupted
-    if not cached:
-        pytest.skip("main_linprobe.py has no --cache_eval_features yet")
+    straight, _ = uninterrupted
     # the uninterrupted run evaluated from its cache in epoch 1; the resumed one ran the encoder every time
     for with_cache, fresh in zip(log_lines(straight), log_lines(resumed[0])):
         for key in ("test_acc1", "test_acc5", "test_loss"):
@@ -205,12 +195,6 @@ def test_eval_in_the_output_dir_evaluates_the_last_heads(resumed):
 
 
 # ------------------------------------------------------------------------------------------ torchrun, paper
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_process_torchrun_on_cpu_completes_and_logs_once(tmp_path):
     out = tmp_path / "ddp"
@@ -266,3 +250,104 @@ def test_eval_without_a_checkpoint_is_a_user_error(tmp_path):
     assert done.returncode == 2, done.stdout[-1000:] + done.stderr[-1000:]
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "--eval" in done.stderr
+
+
+# ------------------------------------------------------------------------------------------- low-shot subsets
+
+SHOT_SIZES = {"class_0": 5, "class_1": 4, "class_2": 6, "class_3": 2}  # class_3 has fewer than 3
+SHOT = ["--model", "vit_tiny_patch16", "--input_size", "32", "--device", "cpu", "--num_workers", "0",
+        "--batch_size", "4", "--warmup_epochs", "1", "--train_per_class", "3"]
+
+
+def _shot_folder(root):
+    from helpers import make_image
+
+    for split in ("train", "val"):
+        for c, (name, n) in enumerate(SHOT_SIZES.items()):
+            for j in range(n if split == "train" else 1):
+                (root / split / name).mkdir(parents=True, exist_ok=True)
+                make_image(16, c * 100 + j, c).save(root / split / name / f"img_{j}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shot_runs(tmp_path_factory):
+    """The same --train_per_class 3 drawn by runs that differ in everything but the subset seed, and another seed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path_factory.mktemp("shots")
+    data = _shot_folder(root / "data")
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    runs = {"one": ([*SHOT, "--cls_features", "cls", "--blr", "50", "--epochs", "1"], ()),
+            "ddp": ([*SHOT, "--cls_features", "pos,abmilp", "--blr", "10,20", "--seed", "7", "--epochs", "1",
+                     "--subset_seed", "0"], torchrun),
+            "seed1": ([*SHOT, "--subset_seed", "1", "--epochs", "0", "--knn", "--knn_k", "2"], ())}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run, *flags, "--data_path", data, "--output_dir", root / name, launcher=launcher)
+                   for name, (flags, launcher) in runs.items()}
+        done = {name: future.result() for name, future in futures.items()}
+    return data, root, done
+
+
+def subset_listing(folder):
+    return (Path(folder) / "train_subset.txt").read_text().splitlines()
+
+
+def test_k_per_class_trains_on_k_images_of_each_class(shot_runs):
+    data, root, done = shot_runs
+    listed = subset_listing(root / "one")
+    assert listed == sorted(listed) and len(listed) == len(set(listed))
+    per_class = {name: sum(line.startswith(f"{name}/") for line in listed) for name in SHOT_SIZES}
+    assert per_class == {"class_0": 3, "class_1": 3, "class_2": 3, "class_3": 2}
+    assert all((data / "train" / line).is_file() for line in listed)
+    assert "training 1 probe(s) on 11 images, validating on 4" in done["one"].stdout
+    assert re.search(r"^training subset 3-shot \(seed 0\): 11 images, sha256 [0-9a-f]{16}; images per class: "
+                     r"class_0=3, class_1=3, class_2=3, class_3=2$", done["one"].stdout, re.M), done["one"].stdout
+    warnings = [line for line in done["one"].stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: 1 class(es) have fewer than 3 training images, all of theirs are used: "
+                        "class_3 (2)"]
+    info = json.loads((root / "one" / "run.json").read_text())
+    assert info["train_subset"]["per_class"] == per_class and info["train_subset"]["images"] == 11
+
+
+def test_the_subset_is_the_same_whatever_the_heads_lrs_seed_and_processes(shot_runs):
+    _, root, _ = shot_runs
+    assert subset_listing(root / "ddp") == subset_listing(root / "one")
+    assert subset_listing(root / "seed1") != subset_listing(root / "one")
+    identities = [json.loads((root / name / "run.json").read_text())["identity"]["train_subset"]
+                  for name in ("one", "ddp", "seed1")]
+    assert identities[0] == identities[1] != identities[2]
+    assert identities[0].startswith("3-shot (seed 0): 11 images, sha256 ")
+
+
+def test_knn_uses_the_training_subset(shot_runs):
+    _, root, done = shot_runs
+    assert len(subset_listing(root / "seed1")) == 11
+    rows = json.loads((root / "seed1" / "results.json").read_text())
+    assert {r["probe"] for r in rows} == {"knn_cls_k2_T0.07", "knn_mean_k2_T0.07"}
+
+
+def test_collect_results_tables_the_real_runs(shot_runs, tmp_path):
+    import shutil
+
+    _, root, _ = shot_runs
+    unfinished = Path(shutil.copytree(root / "one", tmp_path / "unfinished", ignore=shutil.ignore_patterns(".lock")))
+    (unfinished / "results.json").unlink()
+    folders = [root / "one", root / "ddp", root / "seed1", unfinished]
+    done = subprocess.run([sys.executable, "collect_results.py", *map(str, folders)], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+    def best(folder, head):
+        return max(r["best_acc1"] for r in json.loads((folder / "results.json").read_text()) if r["head"] == head)
+
+    # the 1- and 2-process runs share a row (same encoder, data and subset; different heads)
+    assert done.stdout.splitlines()[:4] == [
+        "| encoder | dataset | train subset | cls | pos | abmilp | knn-cls | knn-mean | runs |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| random vit_tiny_patch16 | data | 3-shot (seed 0) | {best(root / 'one', 'cls'):.2f} | "
+        f"{best(root / 'ddp', 'pos'):.2f} | {best(root / 'ddp', 'abmilp'):.2f} | - | - | "
+        f"{root / 'one'}, {root / 'ddp'} |",
+        f"| random vit_tiny_patch16 | data | 3-shot (seed 1) | - | - | - | {best(root / 'seed1', 'knn-cls'):.2f} | "
+        f"{best(root / 'seed1', 'knn-mean'):.2f} | {root / 'seed1'} |"]
+    assert done.stdout.splitlines()[-1] == f"- {unfinished}: unfinished (1 of 1 epochs logged, no results.json)"

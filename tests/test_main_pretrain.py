@@ -13,8 +13,8 @@ import torch
 
 import main_pretrain
 import pretrain_models
-from models_vit import build_encoder
 from helpers import assert_user_error, cli_env
+from models_vit import build_encoder
 from util import digits_clutter
 from util.errors import UserError
 
@@ -24,7 +24,8 @@ TINY_ARCH = dict(embed_dim=32, depth=2, num_heads=2)
 TINY = ["--input_size", "32", "--embed_dim", "32", "--depth", "2", "--num_heads", "2", "--num_workers", "0",
         "--device", "cpu", "--batch_size", "32", "--epochs", "2", "--warmup_epochs", "0", "--blr", "1e-2",
         "--crop_min", "0.9"]
-SHIPPED = {"mae": ROOT / "checkpoints" / "mae_mini_clutter.pth", "mocov3": ROOT / "checkpoints" / "mocov3_mini_clutter.pth"}
+SHIPPED = {"mae": ROOT / "checkpoints" / "mae_mini_clutter.pth",
+           "mocov3": ROOT / "checkpoints" / "mocov3_mini_clutter.pth"}
 
 
 @contextlib.contextmanager
@@ -218,6 +219,7 @@ def _knn_top1(encoder, train, val):
 
 def test_shipped_checkpoints_beat_a_random_encoder_by_ten_points():
     from torch.utils.data import Subset
+
     from util.data import build_dataset
 
     train = build_dataset("digits_clutter", "train", 64, augment=False)

@@ -1,22 +1,48 @@
-"""models_vit: every checkpoint format against an independent forward, capture, strictness, errors."""
+"""models_vit: every release layout against that release's own forward, capture on every family, strictness, errors.
+
+The references (tests/reference_vits.py) are each release's forward written out in plain torch, fed random
+weights saved under the release's own key names and file layout; no layout flag is passed to the loader.
+Set BEYOND_CLS_DIFF_LOG=<file> to collect the measured max abs differences per layout.
+"""
 import argparse
 import fractions
+import os
 from functools import partial
 
 import huggingface_hub
 import pytest
+import reference_vits as ref
+import timm
 import torch
-import torch.nn.functional as F
-from torch import nn
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 import models_vit
-from models_vit import build_encoder, capture_attention
-from util.errors import UserError
+from models_vit import NonFiniteWeights, architecture, build_encoder, capture_attention
 
 TINY = dict(patch_size=8, embed_dim=64, depth=2, num_heads=2)  # overrides for vit_tiny_patch16
+TINY14 = dict(embed_dim=64, depth=2, num_heads=2)  # overrides for the patch-14 DINOv2 names
 TOL = 1e-5
+
+
+def images(size=32, batch=3):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def load(path, model="vit_tiny_patch16", size=32, **kwargs):
+    arch = TINY if model == "vit_tiny_patch16" else {}
+    return build_encoder(model, str(path), input_size=size, **{**arch, **kwargs})
+
+
+def assert_matches(layout, tokens, expected):
+    """Max abs difference below TOL; logged per layout when BEYOND_CLS_DIFF_LOG names a file."""
+    assert tokens.shape == expected.shape
+    diff = (tokens - expected).abs().max().item()
+    if os.environ.get("BEYOND_CLS_DIFF_LOG"):
+        with open(os.environ["BEYOND_CLS_DIFF_LOG"], "a") as f:
+            f.write(f"{layout}\t{diff:.3g}\n")
+    assert diff < TOL, (layout, diff)
 
 
 def timm_vit(img_size=32, **kwargs):
@@ -31,43 +57,37 @@ def timm_vit(img_size=32, **kwargs):
     return net
 
 
-def images(size=32, batch=3):
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
-
-
-def load(path, size=32, **kwargs):
-    return build_encoder("vit_tiny_patch16", str(path), input_size=size, **TINY, **kwargs)
-
-
-def timm_tokens(net, x, block=None, final_norm=False):
+def timm_tokens(net, x, block=None):
     t = net._pos_embed(net.patch_embed(x))
     for blk in net.blocks[: None if block is None else block + 1]:
         t = blk(t)
-    return net.norm(t) if final_norm else t
+    return t
 
+
+# ---------------------------------------------------------------- MAE, timm state dicts
 
 @pytest.mark.parametrize("prefix", ["", "module."])
-def test_mae_checkpoint_matches_timm(tmp_path, prefix, capsys):
-    net = timm_vit()
-    state = {prefix + k: v for k, v in net.state_dict().items()}
+def test_mae_checkpoint_matches_reference(tmp_path, prefix, capsys):
+    sd = ref.vit_state(0)
+    state = {prefix + k: v for k, v in sd.items()}
     state.update({"mask_token": torch.zeros(1, 1, 64), "decoder_embed.weight": torch.randn(32, 64),
                   "decoder_blocks.0.norm1.weight": torch.ones(32), "decoder_pred.weight": torch.randn(192, 32)})
     torch.save({"model": state, "epoch": 7, "args": argparse.Namespace(lr=0.1)}, tmp_path / "mae.pth")
     enc = load(tmp_path / "mae.pth")
-    assert "loaded" in capsys.readouterr().out
+    assert "loaded MAE checkpoint" in capsys.readouterr().out
     assert not enc.training and not any(p.requires_grad for p in enc.parameters())
     assert (enc.num_prefix_tokens, enc.patch_size, enc.grid_size, enc.embed_dim, enc.depth) == (1, 8, (4, 4), 64, 2)
     x = images()
     with torch.no_grad():
         tokens = enc.forward_tokens(x)
-        assert tokens.shape == (3, 17, 64)
-        assert (tokens - timm_tokens(net, x)).abs().max() < TOL
-        assert (enc.forward_tokens(x, block=0) - timm_tokens(net, x, block=0)).abs().max() < TOL
+        assert_matches("MAE", tokens, ref.vit_forward(sd, x, 2))
+        assert_matches("MAE block 0", enc.forward_tokens(x, block=0), ref.vit_forward(sd, x, 2, blocks=1))
         assert torch.equal(enc.forward_tokens(x, block=-1), tokens)
-        enc.final_norm = True  # timm's forward_features ends with the final norm
-        assert (enc.forward_tokens(x) - net.forward_features(x)).abs().max() < TOL
-    with pytest.raises(UserError, match="block 2 does not exist"):
-        enc.forward_tokens(x, block=2)
+        enc.final_norm = True
+        assert_matches("MAE final norm", enc.forward_tokens(x), ref.vit_forward(sd, x, 2, final_norm=True))
+    for block in (2, -3, 12):
+        with pytest.raises(ValueError, match=f"block {block} does not exist in a 2-block encoder"):
+            enc.block_index(block)
 
 
 def test_timm_state_dict_resampled_to_new_input_size(tmp_path):
@@ -81,140 +101,218 @@ def test_timm_state_dict_resampled_to_new_input_size(tmp_path):
     dynamic.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("head")})
     x = images(48)
     with torch.no_grad():
-        assert (enc.forward_tokens(x) - timm_tokens(dynamic, x)).abs().max() < TOL
+        assert_matches("timm resampled", enc.forward_tokens(x), timm_tokens(dynamic, x))
 
 
-def test_timm_name_copies_weights_and_checks_heads(monkeypatch):
-    net = timm_vit()
-    monkeypatch.setattr(models_vit.timm, "create_model", lambda name, pretrained, num_classes: net)
-    enc = build_encoder("vit_tiny_patch16", "vit_base_patch16_224.mae", input_size=32, **TINY)
+@pytest.mark.parametrize("name", ["vit_small_patch14_reg4_dinov2", "beitv2_base_patch16_224"])
+def test_timm_architecture_name_and_its_state_dict(tmp_path, name):
+    """A timm name as the architecture; a file of timm's own state dict of it; timm's own forward as reference."""
+    arch = dict(embed_dim=64, depth=2, num_heads=2) | ({} if "dinov2" in name else {"patch_size": 8})
+    size = 42 if "dinov2" in name else 32
+    torch.manual_seed(3)
+    net = timm.create_model(name, pretrained=False, num_classes=0, img_size=size, **arch).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    torch.save(net.state_dict(), tmp_path / "timm.pth")
+    enc = build_encoder(name, str(tmp_path / "timm.pth"), input_size=size, **arch)
+    x = images(size)
+    with torch.no_grad():
+        enc.final_norm = True
+        assert_matches(f"timm {name}", enc.forward_tokens(x), net.forward_features(x))
+
+
+# ---------------------------------------------------------------- DINO, iBOT
+
+def test_dino_training_checkpoint_takes_the_teacher(tmp_path, capsys):
+    teacher, student = ref.vit_state(10), ref.vit_state(11)
+    ref.save_dino_training(tmp_path / "dino.pth", teacher, student)
+    enc = load(tmp_path / "dino.pth")
+    summary = capsys.readouterr().out
+    assert "DINO/iBOT/DINOv2 training checkpoint" in summary and "sub-model 'teacher'" in summary
     x = images()
     with torch.no_grad():
-        assert (enc.forward_tokens(x) - timm_tokens(net, x)).abs().max() < TOL
-    with pytest.raises(UserError, match="has 2 heads"):
-        build_encoder("vit_tiny_patch16", "vit_base_patch16_224.mae", input_size=32, **{**TINY, "num_heads": 4})
+        assert_matches("DINO teacher", enc.forward_tokens(x), ref.vit_forward(teacher, x, 2))
+        student_enc = load(tmp_path / "dino.pth", checkpoint_key="student")
+        assert_matches("DINO student", student_enc.forward_tokens(x), ref.vit_forward(student, x, 2))
+    torch.save(teacher, tmp_path / "dino_deitsmall8_pretrain.pth")  # DINO's released backbone: a bare state dict
+    with torch.no_grad():
+        assert_matches("DINO released backbone", load(tmp_path / "dino_deitsmall8_pretrain.pth").forward_tokens(x),
+                       ref.vit_forward(teacher, x, 2))
 
 
-def test_no_cls_token(tmp_path):
-    net = timm_vit(class_token=False)
-    torch.save(net.state_dict(), tmp_path / "ijepa.pth")
-    enc = load(tmp_path / "ijepa.pth", no_cls_token=True)
+def test_ibot_training_checkpoint_with_layer_scale_and_ddp_teacher(tmp_path):
+    teacher, student = ref.vit_state(12, layer_scale="gamma"), ref.vit_state(13, layer_scale="gamma")
+    ref.save_dino_training(tmp_path / "ibot.pth", teacher, student, ibot=True, ddp_teacher=True)
     x = images()
     with torch.no_grad():
-        tokens = enc.forward_tokens(x)
-    assert enc.num_prefix_tokens == 0 and tokens.shape == (3, 16, 64)
-    assert (tokens - timm_tokens(net, x)).abs().max() < TOL
-    with pytest.raises(UserError, match="no_cls_token"):
-        load(tmp_path / "ijepa.pth")
+        assert_matches("iBOT teacher", load(tmp_path / "ibot.pth").forward_tokens(x), ref.vit_forward(teacher, x, 2))
+    # iBOT's released backbones (checkpoint_teacher.pth): {'state_dict': the teacher backbone}
+    torch.save({"state_dict": teacher}, tmp_path / "checkpoint_teacher.pth")
+    with torch.no_grad():
+        assert_matches("iBOT released backbone", load(tmp_path / "checkpoint_teacher.pth").forward_tokens(x),
+                       ref.vit_forward(teacher, x, 2))
 
 
-# ---------------------------------------------------------------- SimMIM
+# ---------------------------------------------------------------- MoCo v3
 
-def simmim_index(grid):
-    """BEiT relative position index, written out from its definition (cls is token 0)."""
-    side, area = 2 * grid - 1, grid * grid
-    size = side * side + 3
-    index = torch.empty(area + 1, area + 1, dtype=torch.long)
-    for a in range(area):
-        for b in range(area):
-            dy, dx = a // grid - b // grid + grid - 1, a % grid - b % grid + grid - 1
-            index[a + 1, b + 1] = dy * side + dx
-    index[0, :], index[:, 0], index[0, 0] = size - 3, size - 2, size - 1
-    return index
-
-
-def simmim_state(rel="shared", abs_pos=False, grid=4, dim=64, depth=2, heads=2):
-    g = torch.Generator().manual_seed(2)
-    r = lambda *shape, s=0.1: s * torch.randn(*shape, generator=g)  # noqa: E731
-    table = (2 * grid - 1) ** 2 + 3
-    sd = {"cls_token": r(1, 1, dim), "mask_token": r(1, 1, dim), "patch_embed.proj.weight": r(dim, 3, 8, 8),
-          "patch_embed.proj.bias": r(dim), "norm.weight": 1 + r(dim), "norm.bias": r(dim)}
-    if abs_pos:
-        sd["pos_embed"] = r(1, grid * grid + 1, dim)
-    if rel == "shared":
-        sd["rel_pos_bias.relative_position_bias_table"] = r(table, heads, s=1.0)
-        sd["rel_pos_bias.relative_position_index"] = simmim_index(grid)
-    for i in range(depth):
-        b = f"blocks.{i}."
-        sd.update({b + "norm1.weight": 1 + r(dim), b + "norm1.bias": r(dim), b + "attn.qkv.weight": r(3 * dim, dim),
-                   b + "attn.q_bias": r(dim), b + "attn.v_bias": r(dim), b + "attn.proj.weight": r(dim, dim),
-                   b + "attn.proj.bias": r(dim), b + "norm2.weight": 1 + r(dim), b + "norm2.bias": r(dim),
-                   b + "mlp.fc1.weight": r(4 * dim, dim), b + "mlp.fc1.bias": r(4 * dim),
-                   b + "mlp.fc2.weight": r(dim, 4 * dim), b + "mlp.fc2.bias": r(dim),
-                   b + "gamma_1": r(dim, s=0.5), b + "gamma_2": r(dim, s=0.5)})
-        if rel == "block":
-            sd[b + "attn.relative_position_bias_table"] = r(table, heads, s=1.0)
-            sd[b + "attn.relative_position_index"] = simmim_index(grid)
-    return sd
+def test_mocov3_checkpoint_takes_the_base_encoder_without_projector(tmp_path, capsys):
+    assert architecture("vit_small_patch16_mocov3")["num_heads"] == 12  # MoCo v3's ViT-S, unlike timm's 6
+    mocov3_tiny = dict(patch_size=8, embed_dim=48, depth=2)  # keeps the preset's 12 heads
+    base, momentum = ref.vit_state(20, dim=48, pos="sincos"), ref.vit_state(21, dim=48, pos="sincos")
+    ref.save_mocov3(tmp_path / "moco.pth.tar", base, momentum)
+    enc = build_encoder("vit_small_patch16_mocov3", str(tmp_path / "moco.pth.tar"), input_size=32, **mocov3_tiny)
+    assert "MoCo v3 checkpoint" in capsys.readouterr().out and enc.blocks[0].attn.num_heads == 12
+    x = images()
+    with torch.no_grad():
+        assert_matches("MoCo v3 base encoder", enc.forward_tokens(x), ref.vit_forward(base, x, 12))
+        momentum_enc = build_encoder("vit_small_patch16_mocov3", str(tmp_path / "moco.pth.tar"), input_size=32,
+                                     checkpoint_key="momentum_encoder", **mocov3_tiny)
+        assert_matches("MoCo v3 momentum encoder", momentum_enc.forward_tokens(x), ref.vit_forward(momentum, x, 12))
 
 
-def simmim_reference(sd, x, heads=2, grid=4, final_norm=False):
-    """SimMIM's ViT forward in plain torch (BEiT attention: q/v bias only, relative bias, layer-scale gamma)."""
-    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=8).flatten(2).transpose(1, 2)
-    t = torch.cat([sd["cls_token"].expand(len(x), -1, -1), t], dim=1)
-    if "pos_embed" in sd:
-        t = t + sd["pos_embed"]
-    B, T, D = t.shape
-    index = simmim_index(grid)
-    ln = lambda v, name: F.layer_norm(v, (D,), sd[name + ".weight"], sd[name + ".bias"], eps=1e-6)  # noqa: E731
-    for i in range(sum(k.endswith("gamma_1") for k in sd)):
-        b = f"blocks.{i}."
-        bias = torch.cat([sd[b + "attn.q_bias"], torch.zeros(D), sd[b + "attn.v_bias"]])
-        q, k, v = F.linear(ln(t, b + "norm1"), sd[b + "attn.qkv.weight"], bias).reshape(B, T, 3, heads, -1).permute(
-            2, 0, 3, 1, 4)
-        scores = (q * (D // heads) ** -0.5) @ k.transpose(-2, -1)
-        table = sd.get(b + "attn.relative_position_bias_table", sd.get("rel_pos_bias.relative_position_bias_table"))
-        if table is not None:
-            scores = scores + table[index].permute(2, 0, 1)
-        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D)
-        t = t + sd[b + "gamma_1"] * F.linear(y, sd[b + "attn.proj.weight"], sd[b + "attn.proj.bias"])
-        h = F.gelu(F.linear(ln(t, b + "norm2"), sd[b + "mlp.fc1.weight"], sd[b + "mlp.fc1.bias"]))
-        t = t + sd[b + "gamma_2"] * F.linear(h, sd[b + "mlp.fc2.weight"], sd[b + "mlp.fc2.bias"])
-    return ln(t, "norm") if final_norm else t
+# ---------------------------------------------------------------- I-JEPA
 
+@pytest.mark.parametrize("model", ["vit_tiny_patch16", "vit_huge_patch14_gap_224"])
+def test_ijepa_checkpoint_takes_the_target_encoder_without_cls(tmp_path, model, capsys):
+    context = ref.vit_state(30, cls=False, pos="sincos")
+    target = ref.vit_state(31, cls=False, pos="sincos")
+    ref.save_ijepa(tmp_path / "IN1K-vit.h.14-300e.pth.tar", context, target)
+    path = tmp_path / "IN1K-vit.h.14-300e.pth.tar"
+    enc = load(path, model, **({} if model == "vit_tiny_patch16" else TINY))
+    assert "I-JEPA checkpoint" in capsys.readouterr().out
+    assert (enc.num_prefix_tokens, enc.has_class_token) == (0, False)  # recognised from the file: no flag
+    x = images()
+    with torch.no_grad():
+        assert_matches(f"I-JEPA target encoder ({model})", enc.forward_tokens(x), ref.vit_forward(target, x, 2))
+        context_enc = load(path, model, checkpoint_key="encoder", **({} if model == "vit_tiny_patch16" else TINY))
+        assert_matches("I-JEPA context encoder", context_enc.forward_tokens(x), ref.vit_forward(context, x, 2))
+    with pytest.raises(ValueError, match="has no 'predictr' entry; it holds: encoder"):
+        load(path, checkpoint_key="predictr")
+
+
+# ---------------------------------------------------------------- DINOv2
+
+def dinov2_state(registers):
+    return ref.vit_state(40 + registers, patch=14, grid=3, registers=registers, layer_scale="ls") | {
+        "mask_token": torch.zeros(1, 64)}
+
+
+@pytest.mark.parametrize("model,registers", [("vit_small_patch14_reg4_dinov2", 4), ("vit_small_patch14_dinov2", 0),
+                                             ("vit_tiny_patch16", 4)])
+def test_dinov2_bare_state_dict(tmp_path, model, registers, capsys):
+    sd = dinov2_state(registers)
+    torch.save(sd, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
+    arch = TINY14 if "dinov2" in model else dict(TINY14, patch_size=14)  # the preset takes the rest from the file
+    enc = build_encoder(model, str(tmp_path / "dinov2_vits14_reg4_pretrain.pth"), input_size=42, **arch)
+    assert "DINOv2 checkpoint" in capsys.readouterr().out
+    assert (enc.num_prefix_tokens, enc.num_reg_tokens, enc.grid_size) == (1 + registers, registers, (3, 3))
+    x = images(42)
+    with torch.no_grad():
+        assert_matches(f"DINOv2 {registers} registers ({model})", enc.forward_tokens(x), ref.vit_forward(sd, x, 2))
+        enc.final_norm = True
+        assert_matches("DINOv2 final norm", enc.forward_tokens(x), ref.vit_forward(sd, x, 2, final_norm=True))
+
+
+def test_dinov2_registers_get_no_position_at_another_input_size(tmp_path):
+    sd = dinov2_state(4)
+    torch.save(sd, tmp_path / "dinov2.pth")
+    enc = build_encoder("vit_small_patch14_reg4_dinov2", str(tmp_path / "dinov2.pth"), input_size=56, **TINY14)
+    # [cls] keeps its own position; the patch table is resampled 3x3 -> 4x4 (timm's resample_abs_pos_embed)
+    patches = resample_abs_pos_embed(sd["pos_embed"][:, 1:], new_size=[4, 4], num_prefix_tokens=0)
+    x = images(56)
+    with torch.no_grad():
+        assert_matches("DINOv2 resampled", enc.forward_tokens(x),
+                       ref.vit_forward(sd, x, 2, pos_embed=torch.cat([sd["pos_embed"][:, :1], patches], dim=1)))
+
+
+def test_dinov2_training_teacher_with_chunked_blocks(tmp_path):
+    sd = dinov2_state(4)
+    ref.save_dinov2_teacher_chunked(tmp_path / "teacher_checkpoint.pth", sd)
+    enc = build_encoder("vit_small_patch14_reg4_dinov2", str(tmp_path / "teacher_checkpoint.pth"), input_size=42,
+                        **TINY14)
+    x = images(42)
+    with torch.no_grad():
+        assert_matches("DINOv2 training teacher", enc.forward_tokens(x), ref.vit_forward(sd, x, 2))
+
+
+# ---------------------------------------------------------------- SimMIM, BEiT
 
 @pytest.mark.parametrize("rel,abs_pos", [("shared", False), ("block", True), ("none", True)])
-def test_simmim_checkpoint_matches_reference(tmp_path, rel, abs_pos):
-    sd = simmim_state(rel, abs_pos)
+def test_simmim_checkpoint_matches_reference(tmp_path, rel, abs_pos, capsys):
+    sd = ref.beit_state(rel=rel, abs_pos=abs_pos)
     wrapped = {"encoder." + k: v for k, v in sd.items()}
     wrapped.update({"decoder.0.weight": torch.randn(192, 64, 1, 1), "decoder.0.bias": torch.randn(192)})
     # SimMIM also pickles its yacs config: a non-tensor object that weights_only loading refuses
     torch.save({"model": wrapped, "config": fractions.Fraction(1, 3)}, tmp_path / "simmim.pth")
-    enc = load(tmp_path / "simmim.pth", simmim=True)
+    enc = load(tmp_path / "simmim.pth")  # recognised without the SimMIM switch
+    assert "SimMIM checkpoint" in capsys.readouterr().out
     x = images()
     with torch.no_grad():
-        assert (enc.forward_tokens(x) - simmim_reference(sd, x)).abs().max() < TOL
+        assert_matches(f"SimMIM rel={rel} abs={abs_pos}", enc.forward_tokens(x), ref.beit_forward(sd, x, 2, 4))
         enc.final_norm = True
-        assert (enc.forward_tokens(x) - simmim_reference(sd, x, final_norm=True)).abs().max() < TOL
+        assert_matches("SimMIM final norm", enc.forward_tokens(x), ref.beit_forward(sd, x, 2, 4, final_norm=True))
+    assert load(tmp_path / "simmim.pth", simmim=True).depth == 2  # the old switch still works
 
 
-def test_simmim_relative_bias_resized_for_new_grid(tmp_path):
-    torch.save({"model": {"encoder." + k: v for k, v in simmim_state().items()}}, tmp_path / "s.pth")
-    enc = load(tmp_path / "s.pth", size=48, simmim=True)
+def test_beitv2_pretraining_checkpoint(tmp_path, capsys):
+    sd = ref.beit_state(3, rel="shared")
+    ref.save_beitv2_pretraining(tmp_path / "beitv2_base_patch16_224_pt1k.pth", sd)
+    for model, arch in (("vit_tiny_patch16", {}), ("beitv2_base_patch16_224", TINY)):
+        enc = load(tmp_path / "beitv2_base_patch16_224_pt1k.pth", model, **arch, **(
+            {"use_shared_rel_pos_bias": True, "use_rel_pos_bias": False} if model.startswith("beit") else {}))
+        assert "BEiT/BEiT-v2 checkpoint" in capsys.readouterr().out
+        x = images()
+        with torch.no_grad():
+            assert_matches(f"BEiT-v2 pretraining ({model})", enc.forward_tokens(x), ref.beit_forward(sd, x, 2, 4))
+
+
+def test_relative_bias_resized_for_new_grid(tmp_path):
+    torch.save({"model": {"encoder." + k: v for k, v in ref.beit_state().items()}}, tmp_path / "s.pth")
+    enc = load(tmp_path / "s.pth", size=48)
     assert enc.rel_pos_bias.relative_position_bias_table.shape == (11 * 11 + 3, 2)
     assert enc.forward_tokens(images(48)).shape == (3, 37, 64)
 
 
 # ---------------------------------------------------------------- attention capture
 
-def check_capture_reproduces_blocks(enc, x):
+def attention_branch(blk, t, attn):
+    """The block's attention branch rebuilt from captured probabilities and the block's own weights."""
+    B, T, D = t.shape
+    heads = attn.shape[1]
+    x = blk.norm1(t)
+    if hasattr(blk.attn, "q_bias"):  # timm Beit: q/v bias only, layer scale gamma_1
+        qkv = nn.functional.linear(x, blk.attn.qkv.weight,
+                                   torch.cat([blk.attn.q_bias, torch.zeros(D), blk.attn.v_bias]))
+        scale = blk.gamma_1
+    else:
+        qkv, scale = blk.attn.qkv(x), blk.ls1.gamma if hasattr(blk.ls1, "gamma") else 1.0
+    v = qkv.reshape(B, T, 3, heads, D // heads).permute(2, 0, 3, 1, 4)[2]
+    return scale * blk.attn.proj((attn @ v).transpose(1, 2).reshape(B, T, D))
+
+
+def mlp_branch(blk, t):
+    scale = blk.gamma_2 if hasattr(blk, "gamma_2") else blk.ls2.gamma if hasattr(blk.ls2, "gamma") else 1.0
+    return scale * blk.mlp(blk.norm2(t))
+
+
+def check_capture_reproduces_blocks(enc, x, tokens):
     with torch.no_grad():
         fused = enc.forward_tokens(x)
         with capture_attention(enc) as cap:
             captured = enc.forward_tokens(x)
         assert torch.equal(fused, captured)
-        t = enc._pos_embed(enc.patch_embed(x))
+        t, _ = enc._embed(x)
         for i, blk in enumerate(enc.blocks):
             rec = cap.records[i]
             attn = rec["attn"]
-            assert attn.dtype == torch.float32 and attn.shape == (3, 2, 17, 17)
+            assert attn.dtype == torch.float32 and attn.shape == (len(x), 2, tokens, tokens)
             assert (attn.sum(-1) - 1).abs().max() < 1e-6
             assert (rec["resid_norm"] - t.norm(dim=-1)).abs().max() < TOL
-            v = blk.attn.qkv(blk.norm1(t)).reshape(3, 17, 3, 2, 32).permute(2, 0, 3, 1, 4)[2]
-            branch = blk.ls1(blk.attn.proj((attn @ v).transpose(1, 2).reshape(3, 17, 64)))
+            branch = attention_branch(blk, t, attn)
             assert (rec["attn_out_norm"] - branch.norm(dim=-1)).abs().max() < TOL
             t = t + branch
-            t = t + blk.ls2(blk.mlp(blk.norm2(t)))
+            t = t + mlp_branch(blk, t)
             assert (rec["out"] - t).abs().max() < TOL
         assert torch.equal(cap.records[-1]["out"], captured)
 
@@ -223,12 +321,19 @@ def test_capture_reproduces_block_outputs_mae(tmp_path):
     torch.save(timm_vit().state_dict(), tmp_path / "timm.pth")
     enc = load(tmp_path / "timm.pth")
     assert enc.blocks[0].attn.fused_attn  # the normal path really is SDPA
-    check_capture_reproduces_blocks(enc, images())
+    check_capture_reproduces_blocks(enc, images(), 17)
 
 
-def test_capture_reproduces_block_outputs_simmim(tmp_path):
-    torch.save({"model": {"encoder." + k: v for k, v in simmim_state().items()}}, tmp_path / "s.pth")
-    check_capture_reproduces_blocks(load(tmp_path / "s.pth", simmim=True), images())
+@pytest.mark.parametrize("rel", ["shared", "block"])
+def test_capture_reproduces_block_outputs_relative_bias(tmp_path, rel):
+    torch.save({"model": {"encoder." + k: v for k, v in ref.beit_state(rel=rel).items()}}, tmp_path / "s.pth")
+    check_capture_reproduces_blocks(load(tmp_path / "s.pth"), images(), 17)
+
+
+def test_capture_reproduces_block_outputs_registers(tmp_path):
+    torch.save(dinov2_state(4), tmp_path / "reg.pth")
+    enc = build_encoder("vit_small_patch14_reg4_dinov2", str(tmp_path / "reg.pth"), input_size=42, **TINY14)
+    check_capture_reproduces_blocks(enc, images(42), 1 + 4 + 9)
 
 
 def test_capture_selected_blocks_replaced_each_forward_and_hooks_removed(tmp_path):
@@ -241,6 +346,8 @@ def test_capture_selected_blocks_replaced_each_forward_and_hooks_removed(tmp_pat
         assert list(cap.records) == []
     modules = [enc.patch_embed] + [m for blk in enc.blocks for m in (blk, blk.attn, blk.ls1)]
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    with pytest.raises(ValueError, match="block 5 does not exist"), capture_attention(enc, blocks=[5]):
+        pass
 
 
 # ---------------------------------------------------------------- strictness and errors
@@ -250,32 +357,123 @@ def test_capture_selected_blocks_replaced_each_forward_and_hooks_removed(tmp_pat
     ({"embed_dim": 96}, "patch_embed.proj.weight (96, 3, 8, 8) vs (64, 3, 8, 8)")])
 def test_other_architecture_fails_naming_keys(tmp_path, change, named):
     torch.save({"model": timm_vit(**change).state_dict()}, tmp_path / "other.pth")
-    with pytest.raises(UserError) as err:
+    with pytest.raises(ValueError) as err:
         load(tmp_path / "other.pth")
-    assert named in str(err.value) and "\n" not in str(err.value)
+    assert named in str(err.value) and "does not fit vit_tiny_patch16" in str(err.value)
+    assert "\n" not in str(err.value) and "--" not in str(err.value)
+
+
+@pytest.mark.parametrize("model,arch,named", [
+    ("vit_tiny_patch16", TINY, "patch_embed.proj.weight (64, 3, 14, 14) vs (64, 3, 8, 8)"),  # DINOv2 into patch 8
+    ("vit_small_patch14_dinov2", TINY14, "unexpected: register_tokens")])  # registers into a model without
+def test_recognised_layout_that_does_not_fit_names_keys_and_shapes(tmp_path, model, arch, named):
+    torch.save(dinov2_state(4), tmp_path / "dinov2.pth")
+    with pytest.raises(ValueError) as err:
+        build_encoder(model, str(tmp_path / "dinov2.pth"), input_size=56, **arch)
+    message = str(err.value)
+    assert f"DINOv2 checkpoint {tmp_path / 'dinov2.pth'}" in message and named in message, message
+    assert "looks like embed_dim 64, patch 14, depth 2, [cls], 4 registers" in message and "\n" not in message
+
+
+def test_non_finite_weights_are_refused_naming_the_tensors(tmp_path):
+    sd = ref.vit_state(0)
+    sd["blocks.1.attn.qkv.weight"][0, :2] = float("nan")
+    sd["norm.bias"][3] = float("inf")
+    torch.save({"model": sd}, tmp_path / "diverged.pth")
+    with pytest.raises(NonFiniteWeights, match=r"non-finite weights: norm\.bias \(0 NaN, 1 inf\), "
+                                               r"blocks\.1\.attn\.qkv\.weight \(2 NaN, 0 inf\)"):
+        load(tmp_path / "diverged.pth")
 
 
 def test_file_errors(tmp_path):
-    with pytest.raises(UserError, match="missing.pth does not exist"):
+    with pytest.raises(FileNotFoundError, match="missing.pth does not exist"):
         load(tmp_path / "missing.pth")
     (tmp_path / "junk.pth").write_text("not a checkpoint")
-    with pytest.raises(UserError, match="not a torch checkpoint"):
+    with pytest.raises(ValueError, match="not a torch or safetensors checkpoint"):
         load(tmp_path / "junk.pth")
     torch.save({"state": {"w": torch.zeros(1)}, "epoch": 1}, tmp_path / "keyed.pth")
-    with pytest.raises(UserError, match="no 'model' entry; it holds: epoch, state"):
+    with pytest.raises(ValueError, match=r"no encoder of a known release layout; it holds: state \(a dict of 1 "
+                                         r"entries\), epoch \(an int\)"):
         load(tmp_path / "keyed.pth")
+    with pytest.raises(ValueError, match="has no 'model' entry; it holds: state"):
+        load(tmp_path / "keyed.pth", checkpoint_key="model")
+    torch.save({"model": torch.zeros(3), "epoch": 1}, tmp_path / "tensor.pth")
+    with pytest.raises(ValueError, match=r"'model' of .*tensor.pth holds a tensor of shape \(3,\), not a state dict"):
+        load(tmp_path / "tensor.pth", checkpoint_key="model")
+    torch.save({"model": [1, 2], "epoch": 1}, tmp_path / "list.pth")
+    with pytest.raises(ValueError, match=r"it holds: model \(a list\), epoch \(an int\)"):
+        load(tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="not a SimMIM/BEiT checkpoint"):
+        torch.save({"model": ref.vit_state(0)}, tmp_path / "mae.pth")
+        load(tmp_path / "mae.pth", simmim=True)
+
+
+def test_no_cls_token_is_recognised_and_checked(tmp_path):
+    net = timm_vit(class_token=False)
+    torch.save(net.state_dict(), tmp_path / "nocls.pth")
+    enc = load(tmp_path / "nocls.pth")
+    x = images()
+    with torch.no_grad():
+        assert_matches("timm without [cls]", enc.forward_tokens(x), timm_tokens(net, x))
+    assert load(tmp_path / "nocls.pth", no_cls_token=True).num_prefix_tokens == 0
+    torch.save(timm_vit().state_dict(), tmp_path / "cls.pth")
+    with pytest.raises(ValueError, match=r"has a \[cls\] token"):
+        load(tmp_path / "cls.pth", no_cls_token=True)
+
+
+@pytest.fixture
+def fake_timm_hub(monkeypatch):
+    """timm.create_model whose 'pretrained' weights are a fixed tiny ViT: the download path without a network."""
+    real = timm.create_model
+    pretrained_net = timm_vit()
+
+    def create_model(name, pretrained=False, **kwargs):
+        net = real(name, pretrained=False, **{**kwargs, **TINY})
+        if pretrained:
+            net.load_state_dict(pretrained_net.state_dict())
+        return net
+    models_vit._timm_architecture.cache_clear()
+    monkeypatch.setattr(models_vit.timm, "create_model", create_model)
+    yield pretrained_net
+    models_vit._timm_architecture.cache_clear()
+
+
+def test_timm_pretrained_name_copies_weights_and_checks_sizes(fake_timm_hub):
+    enc = build_encoder("vit_tiny_patch16", "vit_base_patch16_224.mae", input_size=32, **TINY)
+    x = images()
+    with torch.no_grad():
+        assert_matches("timm pretrained name", enc.forward_tokens(x), timm_tokens(fake_timm_hub, x))
+    with pytest.raises(ValueError, match="num_heads 2 vs 4"):
+        build_encoder("vit_tiny_patch16", "vit_base_patch16_224.mae", input_size=32, **{**TINY, "num_heads": 4})
 
 
 def test_timm_names_fail_with_one_clear_line(monkeypatch, tmp_path):
-    with pytest.raises(UserError, match="'not_a_vit_xyz'.*unknown timm model"):
+    with pytest.raises(FileNotFoundError, match="'not_a_vit_xyz'.*unknown timm model"):
         build_encoder("vit_base_patch16", "not_a_vit_xyz")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once at import
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(UserError, match="'vit_base_patch16_224.mae' could not be downloaded") as err:
+    with pytest.raises(FileNotFoundError, match="'vit_base_patch16_224.mae' could not be downloaded") as err:
         build_encoder("vit_base_patch16", "vit_base_patch16_224.mae")
     assert "\n" not in str(err.value)
+
+
+def test_architecture_of_presets_and_timm_names_without_weights():
+    assert architecture("vit_tiny_patch16") == dict(patch_size=16, embed_dim=192, depth=12, num_heads=3,
+                                                    mlp_ratio=4.0, qkv_bias=True, family=None, class_token=None,
+                                                    reg_tokens=None, img_size=None, source="preset")
+    reg = architecture("vit_small_patch14_reg4_dinov2")
+    assert {k: reg[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "class_token", "reg_tokens",
+                                "img_size", "family")} == dict(patch_size=14, embed_dim=384, depth=12, num_heads=6,
+                                                               class_token=True, reg_tokens=4, img_size=518,
+                                                               family="vit")
+    assert architecture("vit_huge_patch14_gap_224")["class_token"] is False
+    assert architecture("beitv2_base_patch16_224")["family"] == "beit"
+    with pytest.raises(ValueError, match="unknown model 'resnet_nonsense'"):
+        architecture("resnet_nonsense")
+    with pytest.raises(ValueError, match="'eva02_base_patch14_224' is built from Eva with EvaBlock blocks"):
+        architecture("eva02_base_patch14_224")
 
 
 def test_random_init_and_input_size(capsys):
@@ -283,9 +481,12 @@ def test_random_init_and_input_size(capsys):
     assert "random-initialised encoder" in capsys.readouterr().out
     assert not enc.training and not any(p.requires_grad for p in enc.parameters())
     assert enc.forward_tokens(images()).shape == (3, 17, 64)
-    assert set(models_vit.MODELS) == {"vit_tiny_patch16", "vit_small_patch16", "vit_base_patch16",
-                                      "vit_large_patch16", "vit_huge_patch14", "vit_mini_patch8"}
-    with pytest.raises(UserError, match="not divisible by the patch size 8"):
+    assert {"vit_tiny_patch16", "vit_small_patch16", "vit_base_patch16", "vit_large_patch16", "vit_huge_patch14",
+            "vit_small_patch16_mocov3", "vit_base_patch16_mocov3"} <= set(models_vit.MODELS)
+    assert build_encoder("vit_tiny_patch16", input_size=32, no_cls_token=True, **TINY).num_prefix_tokens == 0
+    reg = build_encoder("vit_small_patch14_reg4_dinov2", input_size=28, **TINY14)
+    assert reg.forward_tokens(images(28)).shape == (3, 1 + 4 + 4, 64)
+    with pytest.raises(ValueError, match="input size 36 is not a positive multiple of the patch size 8"):
         build_encoder("vit_tiny_patch16", input_size=36, **TINY)
-    with pytest.raises(UserError, match="unknown model"):
+    with pytest.raises(ValueError, match="unknown model"):
         build_encoder("resnet_nonsense")

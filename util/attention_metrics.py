@@ -1,6 +1,7 @@
 """Per-block attention statistics of a ViT, from the records of `models_vit.capture_attention`.
 
-Token layout: T = num_prefix + N tokens; token 0 is [cls] when num_prefix > 0; tokens num_prefix.. are the N
+Token layout: T = num_prefix + N tokens; token 0 is [cls] when the encoder has one (has_cls; by default
+num_prefix > 0); registers, if any, follow it and are neither [cls] nor patches; tokens num_prefix.. are the N
 patches of a grid (h, w) in row-major order. A = attn[b, head] is row-stochastic: A[q, k] is what query q gives
 key k. "Renormalised" rows: P[q, k] = A[q, k] / sum_{k' patch} A[q, k'] over patch keys only.
 
@@ -26,10 +27,10 @@ Definitions (per image and head; the script averages them over images and heads,
 Differences from the references, all below 1e-6 relative for ordinary attention: the paper adds 1e-6 to every
 denominator and inside its log, cl-vs-mim adds 1e-8 to attention before renormalising; here sums are exact
 (0 ln 0 = 0) and denominators are only clamped at 1e-6 so a query with no patch mass stays finite.
-Encoders without [cls] (num_prefix == 0) get PATCH_METRICS only.
+Encoders without [cls] get PATCH_METRICS only. Attention to registers counts in no patch-renormalised metric.
 """
-from functools import lru_cache
 import math
+from functools import lru_cache
 
 import torch
 
@@ -101,8 +102,10 @@ def fourier_delta_log_amplitude(patch_tokens, grid):
     return (log_amplitude[:, (h - 1) // 2, (w - 1) // 2] - log_amplitude[:, 0, 0]).float()
 
 
-def block_metrics(record, num_prefix, grid, patch_size):
-    """{metric: tensor} for one block's record: [B, H] for attention metrics, [B] for PER_IMAGE_METRICS."""
+def block_metrics(record, num_prefix, grid, patch_size, has_cls=None):
+    """{metric: tensor} for one block's record: [B, H] for attention metrics, [B] for PER_IMAGE_METRICS.
+
+    `has_cls`: token 0 is [cls] (default: num_prefix > 0); False for an encoder with registers but no [cls]."""
     attn = record["attn"].float()
     patches = slice(num_prefix, None)
     self_attention = attn.diagonal(dim1=-2, dim2=-1)  # [B, H, T]
@@ -117,7 +120,7 @@ def block_metrics(record, num_prefix, grid, patch_size):
         "nmi": attention_nmi(patch_attn),
         "fourier_delta_log_amplitude": fourier_delta_log_amplitude(record["out"][:, patches], grid),
     }
-    if num_prefix == 0:
+    if not (num_prefix > 0 if has_cls is None else has_cls):
         return out
     cls_to_patches = attn[..., 0, patches]
     out.update({
@@ -139,11 +142,11 @@ class AttentionStatsAccumulator:
         self.sums = {}  # block -> metric -> float64 tensor, [H] or []
         self.images = 0
 
-    def update(self, records, num_prefix, grid, patch_size):
+    def update(self, records, num_prefix, grid, patch_size, has_cls=None):
         """Adds one batch; `records` maps block index -> capture record (all from the same forward)."""
         batch = None
         for block in sorted(records):
-            values = block_metrics(records[block], num_prefix, grid, patch_size)
+            values = block_metrics(records[block], num_prefix, grid, patch_size, has_cls)
             sums = self.sums.setdefault(block, {})
             for name, value in values.items():
                 batch = value.shape[0]

@@ -127,19 +127,3 @@ def _fsync_folder(folder):
     except OSError:
         pass
 
-
-def check_output_dir(path):
-    """Create the output dir if needed and prove it is writable; never touches what is already there."""
-    import tempfile
-    from util.errors import UserError
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output dir {path} is a file and cannot be written (pass a folder path as --output_dir)")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        reason = err.strerror or type(err).__name__
-        raise UserError(f"output dir {path} cannot be written: {reason} (pass a writable --output_dir)") from None
-    return path

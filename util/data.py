@@ -1,30 +1,41 @@
 """Datasets and loaders for linear probing and attention statistics (MAE linear-probing protocol).
 
-Every user mistake (missing folder, empty class, unreadable image) becomes a one-line UserError, and the
-cheap checks run before any directory walk or image decoding.
+Library code: a problem with the data (missing folder, empty class, unreadable image) is a FileNotFoundError or
+ValueError with a one-line message naming the path; the entry points add what to do. The cheap checks run
+before any directory walk or image decoding. A training subset (util/subsets.py) is applied in build_dataset.
 """
+import math
 import multiprocessing
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
+from torch.utils.data import (
+    ConcatDataset,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Sampler,
+    SequentialSampler,
+    Subset,
+)
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
+from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from util import digits_clutter
-from util.errors import UserError
+from util.subsets import select
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BICUBIC = transforms.InterpolationMode.BICUBIC
-TORCHVISION_SETS = ("stl10", "cifar10", "cifar100")
-DATA_PATH_HELP = "an ImageFolder root with train/ and val/, or one of: digits, digits_clutter, " + ", ".join(TORCHVISION_SETS)
 # scikit-image photographs that ship inside the wheel (no pooch download), natural images only.
 SAMPLE_PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "rocket", "hubble_deep_field",
                  "immunohistochemistry", "moon", "retina", "grass", "gravel", "brick")
@@ -38,10 +49,28 @@ def _normalize():
     return [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
+class OneDrawResizedCrop(transforms.RandomResizedCrop):
+    """RandomResizedCrop as MAE's util/crop.py (which the paper's code uses) draws it: one scale and one aspect
+    ratio, the crop clipped to the image. torchvision's tries up to 10 draws before a fallback, which shifts the
+    distribution of crop sizes (measured mean crop area 0.53 vs 0.49 of the image), hence this override."""
+
+    @staticmethod
+    def get_params(img, scale, ratio):
+        width, height = TF.get_image_size(img)
+        area = width * height * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        log_ratio = torch.log(torch.tensor(ratio))
+        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item()).item())
+        w = min(width, int(round(math.sqrt(area * aspect))))
+        h = min(height, int(round(math.sqrt(area / aspect))))
+        top = torch.randint(0, height - h + 1, size=(1,)).item()
+        left = torch.randint(0, width - w + 1, size=(1,)).item()
+        return top, left, h, w
+
+
 def build_transform(split, input_size):
-    """MAE linear probing: RandomResizedCrop + flip for train, Resize(S*256/224) + CenterCrop for val."""
+    """MAE linear probing: one-draw RandomResizedCrop + flip for train, Resize(S*256/224) + CenterCrop for val."""
     if split == "train":
-        return transforms.Compose([transforms.RandomResizedCrop(input_size, interpolation=BICUBIC),
+        return transforms.Compose([OneDrawResizedCrop(input_size, interpolation=BICUBIC),
                                    transforms.RandomHorizontalFlip(), *_normalize()])
     if split == "val":
         return transforms.Compose([transforms.Resize(int(input_size * 256 / 224), interpolation=BICUBIC),
@@ -51,7 +80,7 @@ def build_transform(split, input_size):
 
 # ------------------------------------------------------------------------------------------ reading images
 
-class BadImageError(UserError):
+class BadImageError(ValueError):
     """An image file that cannot be decoded.
 
     A DataLoader worker's exception is re-raised in the main process as `type(exc)(text)`, where text is
@@ -64,42 +93,55 @@ class BadImageError(UserError):
 
 
 def one_line_message(text):
-    """The original message of a UserError re-raised by a DataLoader worker; other text unchanged."""
+    """The original message of a BadImageError re-raised by a DataLoader worker; other text unchanged."""
     text = str(text)
     if "Traceback" not in text:
         return text
     last = text.rstrip().splitlines()[-1]
-    match = re.match(r"^[\w.]*(?:UserError|BadImageError): (.*)$", last)
+    match = re.match(r"^[\w.]*BadImageError: (.*)$", last)
     return match.group(1) if match else text
 
 
-def find_user_error(exc):
-    """The UserError behind `exc` (itself, its cause/context, or a worker re-raise), as one line; else None."""
+def find_bad_image(exc):
+    """The BadImageError behind `exc` (itself, its cause/context, or a worker's re-raise as another type), with
+    its one-line message; else None."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, UserError):
-            return UserError(one_line_message(exc))
+        if isinstance(exc, BadImageError):
+            return exc
         message = one_line_message(exc)
-        if message != str(exc):  # e.g. a RuntimeError carrying a worker's UserError traceback
-            return UserError(message)
+        if message != str(exc):  # e.g. a RuntimeError carrying a worker's BadImageError traceback
+            return BadImageError(message)
         exc = exc.__cause__ or exc.__context__
     return None
 
 
+def _to_8bit(image):
+    """High-bit-depth grayscale (PIL modes I;16*, I, F) scaled to 8 bits: PIL's own conversion clips at 255,
+    which turns a 16-bit image white. Integer modes are read as 16-bit (PNG/TIFF's 0..65535), float as 0..1."""
+    array = np.asarray(image)
+    if image.mode == "F":
+        scaled = array * 255.0 if array.max(initial=0) <= 1.0 else array / 257.0
+    else:
+        scaled = array.astype(np.float64) / 257.0
+    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")
+
+
 def load_rgb(path):
-    """Open any image (grayscale, RGBA, CMYK, palette...) as RGB; BadImageError naming the file otherwise."""
+    """Open any image (grayscale, 16-bit, RGBA, CMYK, palette...) as 8-bit RGB; BadImageError naming the file."""
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
+            if image.mode.startswith("I") or image.mode == "F":
+                image = _to_8bit(image)
             return image.convert("RGB")
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
         reason = ("not an image format PIL can decode" if isinstance(err, UnidentifiedImageError)
                   else " ".join(f"{type(err).__name__}: {err}".split()))
-        raise BadImageError(f"cannot read image {path}: {reason} "
-                            "(remove or replace the file, or pass --skip_bad_images)") from None
+        raise BadImageError(f"cannot read image {path}: {reason}") from None
 
 
 class ImageFiles(Dataset):
@@ -112,16 +154,32 @@ class ImageFiles(Dataset):
     rank counts its own shard; sum over ranks for a total).
     """
 
-    def __init__(self, samples, classes, transform, *, skip_bad_images=False):
+    def __init__(self, samples, classes, transform, *, skip_bad_images=False, root=None):
         self.samples = list(samples)
         self.targets = [label for _, label in self.samples]
         self.classes = list(classes)
         self.transform = transform
         self.skip_bad_images = skip_bad_images
+        self.root = root
         self._bad = multiprocessing.RawArray("b", len(self.samples)) if skip_bad_images else None
 
     def __len__(self):
         return len(self.samples)
+
+    @property
+    def sample_ids(self):
+        """Each image's path relative to `root` (the split's folder), '/'-separated: what train_subset.txt lists.
+        None without a root (images gathered from anywhere): `sample_ids` then numbers them."""
+        if self.root is None:
+            return None
+        prefix = os.path.join(str(self.root), "")  # make_dataset joins root and name: a prefix cut suffices
+        return [(path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, self.root))
+                .replace(os.sep, "/") for path, _ in self.samples]
+
+    def select(self, indices):
+        """The images at `indices` as ImageFiles: an unreadable one is then replaced from the selection only."""
+        return ImageFiles([self.samples[i] for i in indices], self.classes, self.transform,
+                          skip_bad_images=self.skip_bad_images, root=self.root)
 
     @property
     def bad_images(self):
@@ -139,13 +197,13 @@ class ImageFiles(Dataset):
                 self._note_bad(i, err)
                 continue
             return (self.transform(image) if self.transform else image), label
-        raise BadImageError("no image in the dataset can be read (check the image files under --data_path)")
+        raise BadImageError("no image in the dataset can be read")
 
     def _note_bad(self, i, err):
         if not self._bad[i]:
             self._bad[i] = 1
             # tqdm.write keeps the warning off an in-process progress bar's line
-            tqdm.write(f"warning: skipping {str(err).rsplit(' (', 1)[0]}", file=sys.stderr)
+            tqdm.write(f"warning: skipping {err}", file=sys.stderr)
 
 
 # -------------------------------------------------------------------------------------------- ImageFolder
@@ -161,31 +219,28 @@ def _image_folder(split_dir, classes, transform, skip_bad_images):
     present = {label for _, label in samples}
     for name in _class_folders(split_dir):
         if class_to_idx[name] not in present:
-            raise UserError(f"class folder {split_dir / name} has no images "
-                            f"(add {'/'.join(IMG_EXTENSIONS)} files or remove the folder)")
-    return ImageFiles(samples, classes, transform, skip_bad_images=skip_bad_images)
+            raise ValueError(f"class folder {split_dir / name} has no images ({'/'.join(IMG_EXTENSIONS)} files)")
+    return ImageFiles(samples, classes, transform, skip_bad_images=skip_bad_images, root=split_dir)
 
 
 def _check_data_root(root):
     if not root.exists():
-        raise UserError(f"data path {root} does not exist (pass --data_path {DATA_PATH_HELP})")
+        raise FileNotFoundError(f"data path {root} does not exist")
     if not root.is_dir():
-        raise UserError(f"data path {root} is not a folder (pass --data_path {DATA_PATH_HELP})")
+        raise NotADirectoryError(f"data path {root} is not a folder")
 
 
 def _imagefolder_split(root, split, transform, skip_bad_images):
     _check_data_root(root)
     for name in ("train", "val"):  # both, so a missing val/ is named before train/ is walked
         if not (root / name).is_dir():
-            raise UserError(f"{root} has no {name}/ folder (an ImageFolder root needs "
-                            f"train/<class>/<image> and val/<class>/<image>)")
+            raise FileNotFoundError(f"{root} has no {name}/ folder")
     classes = _class_folders(root / "train")
     if not classes:
-        raise UserError(f"{root / 'train'} has no class folders (put images in {root / 'train'}/<class>/)")
+        raise ValueError(f"{root / 'train'} has no class folders")
     unknown = sorted(set(_class_folders(root / "val")) - set(classes))
     if unknown:
-        raise UserError(f"{root / 'val'} has class folders that train/ lacks: {', '.join(unknown[:5])} "
-                        "(use the same class folder names in train/ and val/)")
+        raise ValueError(f"{root / 'val'} has class folders that train/ lacks: {', '.join(unknown[:5])}")
     return _image_folder(root / split, classes, transform, skip_bad_images)
 
 
@@ -223,62 +278,162 @@ def _digits_transform(split, input_size):
     if split == "val":
         return build_transform("val", input_size)
     # Milder than the protocol's crop (a 8% crop can remove the digit) and no flip (a mirrored 2 is no 2).
-    return transforms.Compose([transforms.RandomResizedCrop(input_size, scale=(0.6, 1.0), interpolation=BICUBIC),
+    return transforms.Compose([OneDrawResizedCrop(input_size, scale=(0.6, 1.0), interpolation=BICUBIC),
                                *_normalize()])
 
 
 # ------------------------------------------------------------------------------------ torchvision datasets
 
+@dataclass(frozen=True)
+class NamedSet:
+    """A dataset read through its torchvision class with the official splits.
+
+    folder: what torchvision reads under the root. train: the official split(s) joined for training; val: the
+    split evaluated on (the linear-probing protocol of Kornblith et al. 2019: train on train+val, report test).
+    open(root, split, transform, download) builds one official split. downloadable: torchvision can fetch it.
+    """
+    folder: str
+    train: Tuple[str, ...]
+    val: str
+    open: Callable
+    downloadable: bool = True
+
+
+NAMED_SETS = {
+    "flowers102": NamedSet("flowers-102", ("train", "val"), "test",
+                           lambda root, split, **kw: datasets.Flowers102(root, split=split, **kw)),
+    "pets": NamedSet("oxford-iiit-pet", ("trainval",), "test",
+                     lambda root, split, **kw: datasets.OxfordIIITPet(root, split=split, **kw)),
+    "cars": NamedSet("stanford_cars", ("train",), "test",
+                     lambda root, split, **kw: datasets.StanfordCars(root, split=split, **kw), downloadable=False),
+    "aircraft": NamedSet("fgvc-aircraft-2013b", ("trainval",), "test",
+                         lambda root, split, **kw: datasets.FGVCAircraft(root, split=split,
+                                                                         annotation_level="variant", **kw)),
+    "dtd": NamedSet("dtd/dtd", ("train", "val"), "test",
+                    lambda root, split, **kw: datasets.DTD(root, split=split, partition=1, **kw)),
+    "food101": NamedSet("food-101", ("train",), "test",
+                        lambda root, split, **kw: datasets.Food101(root, split=split, **kw)),
+    "cifar10": NamedSet("cifar-10-batches-py", ("train",), "test",
+                        lambda root, split, **kw: datasets.CIFAR10(root, train=split == "train", **kw)),
+    "cifar100": NamedSet("cifar-100-python", ("train",), "test",
+                         lambda root, split, **kw: datasets.CIFAR100(root, train=split == "train", **kw)),
+    "stl10": NamedSet("stl10_binary", ("train",), "test",
+                      lambda root, split, **kw: datasets.STL10(root, split=split, **kw)),
+}
+TORCHVISION_SETS = tuple(NAMED_SETS)
+
+
 def default_cache_root(name):
     return Path("~/.cache/beyond-cls").expanduser() / name
 
 
-def _open_torchvision_set(name, root, split, transform, download):
-    if name == "stl10":
-        return datasets.STL10(root, split="train" if split == "train" else "test", transform=transform,
-                              download=download)
-    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-    return cls(root, train=split == "train", transform=transform, download=download)
+class DatasetMissing(FileNotFoundError):
+    """A named dataset is not on disk (or not readable there), and downloading it was not allowed."""
 
 
-def _torchvision_set(name, root, split, transform, download):
+class DatasetNotDownloadable(DatasetMissing):
+    """A named dataset is not on disk and torchvision cannot download it (Stanford Cars' link is gone)."""
+
+
+class DownloadFailed(OSError):
+    """A named dataset could not be downloaded."""
+
+
+def _contents(dataset):
+    """(labels, image files or None) of one torchvision split. The file-backed classes keep them in private
+    attributes under different names (torchvision 0.29; tests/test_named_datasets.py reads each one)."""
+    if hasattr(dataset, "_samples"):  # StanfordCars: (path, label) pairs
+        return [int(label) for _, label in dataset._samples], [path for path, _ in dataset._samples]
+    for labels in ("targets", "labels", "_labels"):  # CIFAR, STL10, the file-backed ones
+        if getattr(dataset, labels, None) is not None:
+            break
+    files = getattr(dataset, "_image_files", None) or getattr(dataset, "_images", None)  # _images: Pets
+    return [int(label) for label in getattr(dataset, labels)], files
+
+
+class NamedSplit(ConcatDataset):
+    """The training or evaluation side of a named dataset: one official split, or two joined (Flowers', DTD's
+    train+val), with `.classes`, `.targets` and `.sample_ids` (image paths under the dataset's folder, or
+    `<name>/<official split>/<index>` for datasets held in arrays)."""
+
+    def __init__(self, name, parts, base):
+        super().__init__([part for _, part in parts])
+        self.classes = list(parts[0][1].classes)
+        self.targets, self.sample_ids = [], []
+        for split, part in parts:
+            if list(part.classes) != self.classes:
+                raise ValueError(f"{name}'s {split} split has other classes than its {parts[0][0]} split")
+            labels, files = _contents(part)
+            self.targets += labels
+            self.sample_ids += ([Path(os.path.relpath(f, base)).as_posix() for f in files] if files
+                                else [f"{name}/{split}/{i}" for i in range(len(labels))])
+
+
+def _named_split(name, root, split, transform, download):
+    spec = NAMED_SETS[name]
     root = Path(root).expanduser() if root else default_cache_root(name)
-    try:
-        dataset = _open_torchvision_set(name, root, split, transform, download)
-    except Exception as err:
-        if not download:
-            raise UserError(f"{name} not found under {root} "
-                            "(pass --download or point --data_path at an ImageFolder)") from None
-        reason = " ".join(f"{type(err).__name__}: {err}".split())
-        raise UserError(f"{name} could not be downloaded to {root}: {reason} "
-                        f"(check the network, or copy the dataset into {root})") from None
-    if not hasattr(dataset, "targets"):  # STL10 calls them labels
-        dataset.targets = [int(label) for label in dataset.labels]
-    return dataset
+    base = root / spec.folder
+    download = download and spec.downloadable
+    if not download and not base.is_dir():
+        missing = DatasetMissing if spec.downloadable else DatasetNotDownloadable
+        raise missing(f"{name} not found under {root}: torchvision reads it from {base}")
+    parts = []
+    for official in (spec.train if split == "train" else (spec.val,)):
+        try:
+            parts.append((official, spec.open(root, official, transform=transform, download=download)))
+        except Exception as err:
+            reason = " ".join(f"{type(err).__name__}: {err}".split())
+            if not download:
+                raise DatasetMissing(f"{name} under {base} cannot be read ({official} split): {reason}") from None
+            raise DownloadFailed(f"{name} could not be downloaded to {root}: {reason}") from None
+    return NamedSplit(name, parts, base)
 
 
 # ------------------------------------------------------------------------------------------- entry points
 
-def build_dataset(data_path, split, input_size, *, download=False, skip_bad_images=False, augment=True):
+def build_dataset(data_path, split, input_size, *, download=False, skip_bad_images=False, augment=True,
+                  subset=None):
     """Dataset for linear probing with `.classes` and `.targets`.
 
-    data_path: ImageFolder root (train/, val/) | "digits" | "stl10" | "cifar10" | "cifar100", the last three
-    optionally as "cifar10:/root" (default root ~/.cache/beyond-cls/<name>). augment=False gives the train
-    split the deterministic val transform.
+    data_path: ImageFolder root (train/, val/) | "digits" | a name of NAMED_SETS, optionally as "name:/root"
+    (default root ~/.cache/beyond-cls/<name>). augment=False gives the train split the deterministic val
+    transform. subset (a util.subsets.TrainSubset, train split only): keep the images it selects; the result's
+    `.selection` says which.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    data_path = str(data_path)
+    if subset is not None and split != "train":
+        raise ValueError("a subset applies to the train split only (evaluation uses the whole val split)")
+    dataset = _open_dataset(str(data_path), split, input_size, download, skip_bad_images, augment)
+    if subset is None:
+        return dataset
+    selection = select(sample_ids(dataset, data_path, split), dataset.targets, subset)
+    chosen = _subset(dataset, selection.indices)
+    chosen.selection = selection
+    return chosen
+
+
+def _open_dataset(data_path, split, input_size, download, skip_bad_images, augment):
+    """One split of the dataset `data_path` names, whole."""
     look = split if augment else "val"
     if data_path == "digits":
         return Digits(split, input_size, _digits_transform(look, input_size))
     name, _, root = data_path.partition(":")
     if name == "digits_clutter":  # generated on first use (util/digits_clutter.py), optionally "digits_clutter:/root"
         return digits_clutter.build(split, input_size, root=root or None, augment=augment)
-    if name in TORCHVISION_SETS:
-        return _torchvision_set(name, root, split, build_transform(look, input_size), download)
+    if name in NAMED_SETS:
+        return _named_split(name, root, split, build_transform(look, input_size), download)
     return _imagefolder_split(Path(data_path).expanduser(), split, build_transform(look, input_size),
                               skip_bad_images)
+
+
+def sample_ids(dataset, data_path, split):
+    """What names each sample of a built split in train_subset.txt: the dataset's own `.sample_ids` (relative
+    image paths), else `<dataset name>/<split>/<index>` for datasets without files (digits)."""
+    own = getattr(dataset, "sample_ids", None)
+    if own is not None:
+        return list(own)
+    return [f"{str(data_path).partition(':')[0]}/{split}/{i}" for i in range(len(dataset))]
 
 
 class SamplePhotos(Dataset):
@@ -325,8 +480,7 @@ def build_image_set(data_path, input_size, *, max_images=None, skip_bad_images=F
     else:
         root = Path(data_path).expanduser()
         if not root.exists() or not root.is_dir():
-            raise UserError(f"image folder {root} does not exist (pass --data_path a folder of images, "
-                            "an ImageFolder, or samples)")
+            raise FileNotFoundError(f"image folder {root} does not exist")
         if (root / "train").is_dir() and (root / "val").is_dir():
             root = root / "val"
         if _has_images(root):
@@ -337,35 +491,47 @@ def build_image_set(data_path, input_size, *, max_images=None, skip_bad_images=F
         else:
             classes = _class_folders(root)
             if not classes:
-                raise UserError(f"{root} has no images ({'/'.join(IMG_EXTENSIONS)}) and no class folders "
-                                "(pass --data_path a folder of images, an ImageFolder, or samples)")
+                raise ValueError(f"{root} has no images ({'/'.join(IMG_EXTENSIONS)}) and no class folders")
             dataset = _image_folder(root, classes, transform, skip_bad_images)
     if max_images is not None and max_images < len(dataset):
         if max_images < 1:
-            raise UserError(f"--max_images {max_images} must be at least 1 (pass a positive number)")
+            raise ValueError(f"max_images must be at least 1, got {max_images}")
         keep = np.linspace(0, len(dataset) - 1, max_images).round().astype(int)
         dataset = _subset(dataset, keep)
     return dataset
 
 
+class LabelledSubset(Subset):
+    """torch's Subset keeping the `.classes` and `.targets` the rest of the code reads."""
+
+    def __init__(self, dataset, indices):
+        super().__init__(dataset, list(indices))
+        self.classes = list(dataset.classes)
+        self.targets = [dataset.targets[i] for i in self.indices]
+
+
 def _subset(dataset, keep):
+    """The samples at indices `keep`, labels and class names kept."""
     if isinstance(dataset, ImageFiles):
-        return ImageFiles([dataset.samples[i] for i in keep], dataset.classes, dataset.transform,
-                          skip_bad_images=dataset.skip_bad_images)
-    dataset.images = [dataset.images[i] for i in keep]
-    dataset.targets = [dataset.targets[i] for i in keep]
-    return dataset
-
-
-def validate_num_classes(nb_classes, found):
-    """UserError when --nb_classes cannot hold every class of the data (found: a count or the class list)."""
-    found = found if isinstance(found, int) else len(found)
-    if nb_classes is not None and nb_classes < found:
-        raise UserError(f"--nb_classes {nb_classes} is smaller than the {found} classes found in the data "
-                        f"(set --nb_classes to at least {found}, or leave it out to infer it)")
+        return dataset.select(keep)
+    return LabelledSubset(dataset, keep)
 
 
 # ------------------------------------------------------------------------------------------------ loaders
+
+class ShardSampler(Sampler):
+    """Every rank-th index from `rank` on: the shards cover the dataset exactly once. DistributedSampler pads the
+    last shard with repeated images, which evaluation would count twice."""
+
+    def __init__(self, dataset, num_replicas, rank):
+        self.indices = range(rank, len(dataset), num_replicas)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
 
 class EpochLoader(DataLoader):
     """A DataLoader whose shuffling and augmentation depend only on (seed, epoch, rank).
@@ -398,13 +564,15 @@ def build_loader(dataset, batch_size, *, train, num_workers=0, pin_mem=False, di
     large --batch_size on a small dataset still trains on one partial batch.
     """
     if batch_size < 1:
-        raise UserError(f"--batch_size {batch_size} must be at least 1 (pass a positive batch size)")
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
     dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
     world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if dist_on else (1, 0)
-    if distributed or train:
+    if train:
         # DistributedSampler with one replica is a seeded, epoch-indexed shuffle for single-process runs too.
         sampler = DistributedSampler(dataset, num_replicas=world if distributed else 1,
-                                     rank=rank if distributed else 0, shuffle=train, seed=seed)
+                                     rank=rank if distributed else 0, shuffle=True, seed=seed)
+    elif distributed:
+        sampler = ShardSampler(dataset, world, rank)
     else:
         sampler = SequentialSampler(dataset)
     drop_last = train if drop_last is None else drop_last

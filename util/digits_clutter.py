@@ -139,9 +139,8 @@ def ensure(root=None, seed=SEED):
     if (root / MANIFEST).is_file():
         return root
     if root.exists() and any(root.iterdir()):
-        from util.errors import UserError
-        raise UserError(f"{root} exists but holds no {MANIFEST}, so it is no complete {NAME} folder "
-                        "(remove it, or point digits_clutter:<folder> at an empty or new folder)")
+        raise ValueError(f"{root} exists but holds no {MANIFEST}, so it is no complete {NAME} folder; remove it, "
+                         "or name an empty or new folder as digits_clutter:<folder>")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
@@ -173,7 +172,8 @@ def _normalize():
 def build_transform(split, input_size):
     """val: the whole canvas (resized only when input_size differs: a centre crop could cut the digit off).
     train: the same plus a small random shift and zoom (no flip: a mirrored 2 is no 2)."""
-    resize = [] if input_size == CANVAS else [transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC)]
+    bicubic = transforms.InterpolationMode.BICUBIC
+    resize = [] if input_size == CANVAS else [transforms.Resize(input_size, interpolation=bicubic)]
     if split == "val":
         return transforms.Compose([*resize, *_normalize()])
     return transforms.Compose([transforms.RandomAffine(0, translate=(0.06, 0.06), scale=(0.9, 1.1)), *resize,
@@ -189,6 +189,7 @@ class DigitsClutter(Dataset):
         self.root = ensure(root, seed)
         rows = [r for r in read_manifest(self.root) if r["file"].startswith(split + "/")]
         self.samples = [(str(self.root / r["file"]), r["label"]) for r in rows]
+        self.sample_ids = [r["file"].split("/", 1)[1] for r in rows]  # "<digit>/<index>.png" for --train_list
         self.targets = [r["label"] for r in rows]
         self.images = [Image.open(path).convert("RGB") for path, _ in self.samples]
         for image in self.images:

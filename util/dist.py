@@ -1,35 +1,62 @@
-"""torchrun (env://) process-group setup and the few collectives the scripts need.
-
-Non-main ranks keep their prints (a crash on rank 3 must be visible); use print0 for progress output.
-"""
+"""Process-group setup for torchrun (or any launcher that sets RANK/WORLD_SIZE) and the few collectives we use."""
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 
+# Collectives may wait this long: the main process runs k-NN over all of ImageNet while the others wait.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+# Without torchrun, RANK/WORLD_SIZE may be stale leftovers of another job: the other processes get this long.
+RENDEZVOUS_TIMEOUT_S = float(os.environ.get("BEYOND_CLS_RENDEZVOUS_TIMEOUT", 120))
 
-def init_distributed(device=None):
-    """Join the torchrun process group when RANK/WORLD_SIZE are set.
 
-    Returns (distributed, rank, world_size, local_rank, device). device: "cuda", "cpu" or None (cuda when
-    available); under torchrun a cuda device becomes cuda:LOCAL_RANK. Backend: nccl on cuda, gloo on cpu.
-    """
-    use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+class RendezvousError(RuntimeError):
+    """The processes named by RANK/WORLD_SIZE did not all join."""
+
+
+def launch_env():
+    """(rank, world_size, local_rank) that the launcher put in the environment; (0, 1, 0) without one."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return False, 0, 1, 0, torch.device(device or ("cuda" if use_cuda else "cpu"))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return 0, 1, 0
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def process_device(device):
+    """The device this process uses: cuda becomes cuda:LOCAL_RANK under a launcher."""
+    _, world, local_rank = launch_env()
+    if world > 1 and device == "cuda":
+        return f"cuda:{local_rank}"
+    return device
+
+
+def init_distributed(device):
+    """Join the process group when the environment names one (world size > 1). NCCL on CUDA, gloo otherwise."""
+    rank, world, local_rank = launch_env()
+    if world <= 1 or dist.is_initialized():
+        return
+    use_cuda = str(device).startswith("cuda")
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        chosen = torch.device("cuda", local_rank)
-    else:
-        chosen = torch.device("cpu")
-    if not dist.is_initialized():
-        # 2 h, not the default 10-30 min: the other ranks wait while the main one runs k-NN over all of ImageNet
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://", world_size=world,
-                                rank=rank, timeout=datetime.timedelta(hours=2))
-    return True, rank, world, local_rank, chosen
+        torch.cuda.set_device(torch.device(device))
+    backend = "nccl" if use_cuda else "gloo"
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun: its agent's store already gathered every worker
+        dist.init_process_group(backend, init_method="env://", world_size=world, rank=rank,
+                                timeout=COLLECTIVE_TIMEOUT)
+        return
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise RendezvousError(f"RANK={rank} and WORLD_SIZE={world} are set but {name} is not")
+    if rank == 0:
+        print(f"waiting up to {RENDEZVOUS_TIMEOUT_S:.0f} s for {world} processes (RANK/WORLD_SIZE are set)",
+              file=sys.stderr, flush=True)
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=rank == 0,
+                              timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S), wait_for_workers=True)
+    except (RuntimeError, OSError) as err:
+        raise RendezvousError(f"RANK={rank} and WORLD_SIZE={world} are set but the other processes did not join "
+                              f"within {RENDEZVOUS_TIMEOUT_S:.0f} s ({type(err).__name__})") from None
+    dist.init_process_group(backend, store=store, world_size=world, rank=rank, timeout=COLLECTIVE_TIMEOUT)
 
 
 def cleanup_distributed():
@@ -58,11 +85,6 @@ def barrier():
         dist.barrier()
 
 
-def print0(*args, **kwargs):
-    if is_main():
-        print(*args, **kwargs)
-
-
 def _collective_device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -74,11 +96,20 @@ def all_reduce_sum(tensor):
     return tensor
 
 
-def all_reduce_mean(value):
-    """Mean of a number (or tensor) over ranks, as a float (tensor for a multi-element tensor)."""
-    if not is_distributed():
-        return value.item() if torch.is_tensor(value) and value.numel() == 1 else value
-    tensor = torch.as_tensor(value, dtype=torch.float64, device=_collective_device()).clone()
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    tensor /= world_size()
-    return tensor.item() if tensor.numel() == 1 else tensor.cpu()
+def on_main(fn, *args, share_result=True):
+    """Run fn(*args) on the main process only. Every process then raises the exception fn raised there (so a
+    failure on the main process does not leave the others waiting in the next collective), or returns fn's
+    result (share_result) or None (not main, and share_result False: for results that cannot be pickled)."""
+    outcome = [None, None]
+    if is_main():
+        try:
+            outcome[0] = fn(*args)
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every process
+            outcome[1] = err
+    if is_distributed():
+        shared = outcome if share_result else [None, outcome[1]]
+        dist.broadcast_object_list(shared, src=0)
+        outcome = outcome if is_main() else shared
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]

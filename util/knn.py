@@ -71,3 +71,18 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes
                 votes.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
                 hits[(k, t)] += (votes.argmax(dim=1) == targets).sum().item()
     return {key: 100.0 * n / len(test_feats) for key, n in hits.items()}
+
+
+def knn_rows(tokens_fn, train_loader, val_loader, num_classes, ks, temperatures, device):
+    """One encoder pass over both loaders, then k-NN on every feature kind: result rows for results.json
+    (probe knn_<kind>_k<k>_T<t>, head knn-<kind>, best_acc1; lr and epoch None), best first per kind order."""
+    train_feats, train_labels = extract_features(tokens_fn, train_loader)
+    val_feats, val_labels = extract_features(tokens_fn, val_loader)
+    rows = []
+    for kind in train_feats:
+        scores = knn_accuracy(train_feats[kind], train_labels, val_feats[kind], val_labels, num_classes,
+                              ks=ks, temperatures=temperatures, device=device)
+        for (k, t), top1 in scores.items():
+            rows.append({"probe": f"knn_{kind}_k{k}_T{t:g}", "head": f"knn-{kind}", "lr": None,
+                         "best_acc1": round(top1, 3), "best_epoch": None})
+    return rows

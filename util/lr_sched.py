@@ -1,5 +1,7 @@
-"""Learning-rate rules of MAE's linear probing."""
+"""Learning-rate rules of MAE's linear probing: lr = blr * effective batch / 256, per-iteration linear warmup,
+then a half-cosine to min_lr."""
 import math
+from dataclasses import dataclass
 
 
 def scaled_lr(blr, batch_size, accum_iter=1, world_size=1):
@@ -7,27 +9,25 @@ def scaled_lr(blr, batch_size, accum_iter=1, world_size=1):
     return blr * batch_size * accum_iter * world_size / 256
 
 
-def lr_at(epoch, args, peak_lr=None):
-    """lr at a fractional epoch: linear warmup from 0 to peak_lr (default args.lr) over args.warmup_epochs, then
-    half-cosine to args.min_lr."""
-    peak = args.lr if peak_lr is None else peak_lr
-    if epoch < args.warmup_epochs:
-        return peak * epoch / args.warmup_epochs
-    cosine_epochs = args.epochs - args.warmup_epochs
-    progress = min(1.0, (epoch - args.warmup_epochs) / cosine_epochs) if cosine_epochs > 0 else 1.0
-    return args.min_lr + (peak - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+@dataclass(frozen=True)
+class WarmupCosine:
+    """lr at a fractional epoch (epoch + step / steps_per_epoch) for a given peak lr.
 
-
-def adjust_learning_rate(optimizer, epoch, args):
-    """Set every param group's lr for this iteration (epoch = epoch + step / steps_per_epoch); return args.lr's.
-
-    A group with its own "peak_lr" follows its own schedule (probes with different lrs share one optimizer, each
-    exactly as if trained alone); other groups are scaled by their "lr_scale".
+    min_lr is absolute and shared: every probe of a sweep ends at min_lr, as it would if trained alone.
     """
-    lr = lr_at(epoch, args)
-    for group in optimizer.param_groups:
-        if "peak_lr" in group:
-            group["lr"] = lr_at(epoch, args, peak_lr=group["peak_lr"])
-        else:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-    return lr
+    epochs: int
+    warmup_epochs: float
+    min_lr: float = 0.0
+
+    def lr(self, epoch: float, peak_lr: float) -> float:
+        if epoch < self.warmup_epochs:
+            return peak_lr * epoch / self.warmup_epochs
+        cosine_epochs = self.epochs - self.warmup_epochs
+        progress = min(1.0, (epoch - self.warmup_epochs) / cosine_epochs) if cosine_epochs > 0 else 1.0
+        return self.min_lr + (peak_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def apply(self, optimizer, epoch: float) -> None:
+        """Set every param group's lr from its own "peak_lr": probes with different lrs share one optimizer, each
+        scheduled exactly as if it were trained alone."""
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr(epoch, group["peak_lr"])

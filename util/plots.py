@@ -16,11 +16,17 @@ MAX_LEGEND_CLASSES = 20
 
 
 def read_stats_csv(path):
-    """(metric names, {metric: [value per block]}) from an attention_stats.csv."""
+    """(metric names, {metric: [value per block]}) from an attention_stats.csv; ValueError if it holds no
+    statistics or a value is not a number."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    metrics = [name for name in (rows[0].keys() if rows else []) if name != "block"]
-    return metrics, {name: [float(row[name]) for row in rows] for name in metrics}
+    metrics = [name for name in (rows[0].keys() if rows else []) if name not in ("block", None)]
+    if not rows or not metrics:
+        raise ValueError(f"{path} holds no statistics")
+    try:
+        return metrics, {name: [float(row[name]) for row in rows] for name in metrics}
+    except (TypeError, ValueError):
+        raise ValueError(f"{path} is not an attention_stats.csv: a value is missing or not a number") from None
 
 
 def plot_metric_vs_depth(runs, metric, path):

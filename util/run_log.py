@@ -4,14 +4,16 @@ import os
 import sys
 
 
-def wandb_requested(args) -> bool:
-    return bool(getattr(args, "wandb", False) or os.environ.get("WANDB_PROJECT"))
+def wandb_requested(asked: bool) -> bool:
+    return bool(asked or os.environ.get("WANDB_PROJECT"))
 
 
 class RunLog:
-    """Writes the same scalars to log.txt, TensorBoard and (optionally) wandb; only on the main process."""
+    """Writes the same scalars to log.txt, TensorBoard and (optionally) wandb; only on the main process.
 
-    def __init__(self, output_dir, args, *, enabled=True, tensorboard=True):
+    settings: the run's configuration for wandb (nested dicts are flattened to dotted keys)."""
+
+    def __init__(self, output_dir, *, settings=None, wandb=False, run_name=None, enabled=True, tensorboard=True):
         self.output_dir = output_dir
         self.enabled = enabled
         self.tb = None
@@ -21,8 +23,8 @@ class RunLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))
-        if wandb_requested(args):
-            self.wandb = _start_wandb(output_dir, args)
+        if wandb_requested(wandb):
+            self.wandb = _start_wandb(output_dir, run_name, settings or {})
 
     def scalars(self, values: dict, step: int):
         """Logs flat {tag: number} to TensorBoard and wandb."""
@@ -51,16 +53,27 @@ class RunLog:
             self.wandb.finish()
 
 
-def _start_wandb(output_dir, args):
+def _flatten(settings, prefix=""):
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float, str, bool, type(None))):
+            flat[f"{prefix}{key}"] = value
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
+
+
+def _start_wandb(output_dir, run_name, settings):
     try:
         import wandb
-        # An explicit name and id keep wandb from asking the server for a generated run name.
-        name = getattr(args, "run_name", None) or os.path.basename(os.path.abspath(output_dir))
+        # An explicit name keeps wandb from asking the server for a generated run name.
         return wandb.init(
             project=os.environ.get("WANDB_PROJECT", "beyond-cls"),
-            name=name,
+            name=run_name or os.path.basename(os.path.abspath(output_dir)),
             dir=output_dir,
-            config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+            config=_flatten(settings),
         )
     except Exception as err:  # wandb is optional: a dashboard failure must never stop a run
         print(f"warning: wandb disabled ({type(err).__name__}: {err}); set WANDB_MODE=offline to log locally",

@@ -1,0 +1,52 @@
+"""util/config: the training-subset flags resolved into the frozen configuration, or one error naming the flag."""
+import pytest
+
+import main_linprobe
+from util.config import resolve_linprobe
+from util.errors import UserError
+from util.subsets import FRACTION, LIST, PER_CLASS, TrainSubset
+
+
+def resolve(*flags):
+    args = main_linprobe.get_args_parser().parse_args(["--device", "cpu", "--model", "vit_tiny_patch16", *flags])
+    return resolve_linprobe(args)
+
+
+def test_no_subset_flag_trains_on_the_whole_split():
+    assert resolve().train_subset is None
+
+
+def test_subset_flags_resolve_with_their_seed(tmp_path):
+    assert resolve("--train_per_class", "5").train_subset == TrainSubset(PER_CLASS, 5, 0)
+    assert resolve("--train_fraction", "0.01", "--subset_seed", "3").train_subset == TrainSubset(FRACTION, 0.01, 3)
+    listed = tmp_path / "1percent.txt"
+    listed.write_text("a/b.jpg\n")
+    config = resolve("--train_list", str(listed))
+    assert config.train_subset == TrainSubset(LIST, str(listed), None)
+    assert config.to_dict()["train_subset"] == {"kind": LIST, "value": str(listed), "seed": None}
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--train_per_class", "0"], ["--train_per_class 0", "at least 1"]),
+    (["--train_fraction", "0"], ["--train_fraction 0", "greater than 0"]),
+    (["--train_fraction", "1.5"], ["--train_fraction 1.5", "above 1"]),
+    (["--train_fraction", "nan"], ["--train_fraction nan", "finite"]),
+    (["--train_per_class", "2", "--train_fraction", "0.5"], ["--train_per_class and --train_fraction", "only one"]),
+    (["--train_list", "/no/such/list.txt"], ["--train_list /no/such/list.txt", "not a file"]),
+    (["--subset_seed", "2"], ["--subset_seed 2", "--train_per_class"]),
+    (["--train_per_class", "2", "--subset_seed", "-1"], ["--subset_seed -1", "out of range"]),
+])
+def test_bad_subset_flags_are_one_line_user_errors(flags, fragments):
+    with pytest.raises(UserError) as info:
+        resolve(*flags)
+    message = str(info.value)
+    assert "\n" not in message and message.endswith(")") and " (" in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_subset_seed_with_a_list_is_refused(tmp_path):
+    listed = tmp_path / "list.txt"
+    listed.write_text("a/b.jpg\n")
+    with pytest.raises(UserError, match="--subset_seed 1 has no subset to draw"):
+        resolve("--train_list", str(listed), "--subset_seed", "1")

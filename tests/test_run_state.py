@@ -1,0 +1,136 @@
+"""util/run_state: the output folder's lock, the experiment identity, resume rules, log consistency."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from helpers import ROOT
+from util.run_state import (
+    IdentityMismatch,
+    OutputDirBusy,
+    OutputLock,
+    RunState,
+    fingerprint,
+    first_difference,
+    prepare_output_dir,
+    truncate_log,
+)
+
+
+def test_output_dir_created_and_existing_content_kept(tmp_path):
+    out = tmp_path / "a" / "b"
+    assert prepare_output_dir(out) == out and out.is_dir()
+    (out / "log.txt").write_text("epoch 1\n")
+    prepare_output_dir(out)
+    assert os.listdir(out) == ["log.txt"] and (out / "log.txt").read_text() == "epoch 1\n"
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="cannot be written"):
+        prepare_output_dir(blocker / "out")
+    with pytest.raises(OSError, match="is a file"):
+        prepare_output_dir(blocker)
+
+
+def test_output_dir_that_cannot_be_created(tmp_path):
+    with pytest.raises(PermissionError, match="cannot be written"):  # even for root: /proc holds no folders
+        prepare_output_dir("/proc/beyond-cls-test/out")
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from util.run_state import OutputLock
+    OutputLock(sys.argv[1]).acquire()
+    print("locked", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_lock_refuses_a_second_run_naming_the_holder_and_dies_with_it(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputDirBusy, match=f"in use by another run \\(PID {holder.pid}\\)"):
+            OutputLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = OutputLock(tmp_path).acquire()  # a killed holder's lock is gone with it
+    assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+    lock.release()
+    assert os.listdir(tmp_path) == []  # release removes the PID file, the holder's stale one included
+
+
+def test_fingerprint_follows_content_not_path(tmp_path):
+    a, b = tmp_path / "a" / "mae.pth", tmp_path / "b" / "mae.pth"
+    for path in (a, b):
+        path.parent.mkdir()
+        path.write_bytes(b"weights")
+    assert fingerprint(a) == fingerprint(b) and "sha256" in fingerprint(a)
+    b.write_bytes(b"other weights")
+    assert fingerprint(a) != fingerprint(b)
+    assert fingerprint("") == "random init" and fingerprint("vit_base_patch16_224.mae") == "vit_base_patch16_224.mae"
+
+
+IDENTITY = {"model": "vit_tiny_patch16", "encoder": "mae.pth (10 bytes)", "classes": ["a", "b"], "nb_classes": 2,
+            "probes": {"cls": "cls"}, "lrs": {"cls": 0.5}, "head_options": {}, "return_block": None,
+            "final_norm": False, "seed": 0}
+
+
+def _saved(tmp_path, identity=IDENTITY, **extra):
+    path = tmp_path / "checkpoint-last.pth"
+    torch.save({"identity": identity, "probes": {}, "epoch": 3, **extra}, path)
+    return path
+
+
+def test_auto_resume_needs_the_same_experiment(tmp_path):
+    path = _saved(tmp_path)
+    state = RunState(tmp_path, {**IDENTITY, "lrs": {"cls": 0.25}}, ["cls"])
+    with pytest.raises(IdentityMismatch, match=r"lrs=\{'cls': 0.5\}, this run has lrs=\{'cls': 0.25\}"):
+        state.read(path, explicit=False)
+    checkpoint, changed = state.read(path, explicit=True)  # asked for by name: allowed, and reported
+    assert changed == ["lrs"] and checkpoint["epoch"] == 3
+    assert RunState(tmp_path, dict(IDENTITY), ["cls"]).read(path, explicit=False)[1] == []
+
+
+@pytest.mark.parametrize("key, value", [("classes", ["b", "a"]), ("probes", {"pos": "pos"}), ("nb_classes", 3)])
+def test_no_resume_changes_what_the_heads_are(tmp_path, key, value):
+    path = _saved(tmp_path)
+    with pytest.raises(IdentityMismatch, match=key):
+        RunState(tmp_path, {**IDENTITY, key: value}, ["cls"]).read(path, explicit=True)
+
+
+def test_first_difference_ignores_settings_a_checkpoint_does_not_record():
+    assert first_difference({"a": 1}, {"a": 1, "b": 2}, ["a", "b"]) is None
+    assert first_difference({"a": 1, "b": 3}, {"a": 1, "b": 2}, ["a", "b"]) == "b"
+
+
+def test_log_drops_epochs_after_the_checkpoint(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("".join(json.dumps({"epoch": e, "x": e}) + "\n" for e in range(5)))
+    truncate_log(log, 2)
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [0, 1, 2]
+
+
+def test_run_info_lists_the_subset_and_removes_a_stale_list(tmp_path):
+    from util.run_state import write_run_info
+    from util.subsets import PER_CLASS, TrainSubset, select
+
+    selection = select(["b/2.png", "a/1.png", "b/1.png"], [1, 0, 1], TrainSubset(PER_CLASS, 1, 0))
+    write_run_info(tmp_path, config={"epochs": 1}, identity={"train_subset": selection.describe()},
+                   classes=["a", "b"], selection=selection)
+    listed = (tmp_path / "train_subset.txt").read_text().splitlines()
+    assert len(listed) == 2 and listed[0] == "a/1.png" and listed[1] in ("b/1.png", "b/2.png")
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["train_subset"]["per_class"] == {"a": 1, "b": 1} and info["train_subset"]["images"] == 2
+    assert info["config"] == {"epochs": 1}
+    write_run_info(tmp_path, config={"epochs": 2}, identity={"train_subset": "full"}, classes=["a", "b"])
+    assert not (tmp_path / "train_subset.txt").exists()
+    assert json.loads((tmp_path / "run.json").read_text())["train_subset"] is None

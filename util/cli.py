@@ -1,0 +1,78 @@
+"""What both entry points share at the command line: the encoder and runtime flags, and how a run ends.
+
+A user's mistake ends in one line `error: <problem> (<what to do>)` on stderr and exit code 2, without a
+traceback. Under a launcher (torchrun) the line is printed once: by rank 0, or by the rank whose own share of the
+work failed (prefixed with its rank), and it is also written to torchrun's error file, so torchrun's own failure
+summary names it as the root cause. Ctrl-C ends in one line and exit code 130.
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+
+from util.dist import RendezvousError, launch_env
+from util.errors import UserError
+
+INTERRUPTED_EXIT = 130
+
+
+def add_encoder_arguments(parser, *, default_model="vit_base_patch16"):
+    """--model, --finetune, --checkpoint_key, --simmim, --no_cls_token, --input_size."""
+    from models_vit import MODELS
+
+    parser.add_argument("--model", default=default_model,
+                        help="a preset (" + ", ".join(MODELS) + ") or a timm ViT/BEiT architecture name, e.g. "
+                             "vit_small_patch14_reg4_dinov2 or beitv2_base_patch16_224")
+    parser.add_argument("--finetune", default="", help="checkpoint file of any supported release (its layout is "
+                        "recognised from the file; see README), or a timm pretrained name (default: random init)")
+    parser.add_argument("--checkpoint_key", default="", help="sub-model or entry to read (default: the one the "
+                        "release evaluates, e.g. teacher, target_encoder, base_encoder)")
+    parser.add_argument("--simmim", action="store_true", help="optional: insist that --finetune is a SimMIM/BEiT file")
+    parser.add_argument("--no_cls_token", action="store_true", help="random encoder without [cls]; a checkpoint "
+                        "without one is recognised without this flag")
+    parser.add_argument("--input_size", type=int, default=224, help="image side in pixels (a multiple of the patch)")
+
+
+def add_runtime_arguments(parser, *, amp_default):
+    """--device, --amp, --seed, --num_workers."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--amp", choices=["bfloat16", "float16", "none"], default=amp_default,
+                        help="autocast dtype of the frozen forward and the heads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_workers", type=int, default=8, help="data loading processes")
+
+
+def _report(line, rank_local):
+    rank, world, _ = launch_env()
+    if world > 1 and rank != 0 and not rank_local:
+        return  # every rank hit the same error: rank 0 says it
+    if world > 1 and rank_local:
+        line = line.replace("error: ", f"error: rank {rank}: ", 1)
+    print(line, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:  # torchrun prints this as the root cause of its failure summary
+        try:
+            with open(error_file, "w") as f:
+                json.dump({"message": line, "timestamp": int(time.time())}, f)
+        except OSError:
+            pass
+
+
+def run(main, parser):
+    """Parse the command line and call main(args), turning user errors and Ctrl-C into one line."""
+    args = parser.parse_args()
+    try:
+        main(args)
+    except UserError as err:
+        _report(f"error: {err}", getattr(err, "rank_local", False))
+        sys.exit(2)
+    except RendezvousError as err:
+        _report(f"error: {err} (unset RANK and WORLD_SIZE to run one process, or start every process, e.g. with "
+                "torchrun)", False)
+        sys.exit(2)
+    except KeyboardInterrupt as err:  # main may re-raise it with a note on what was saved
+        _report(f"interrupted{': ' + str(err) if str(err) else ''}", False)
+        sys.exit(INTERRUPTED_EXIT)

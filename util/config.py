@@ -1,0 +1,349 @@
+"""The resolved configuration of a linear-probing run: parsed flags in, one frozen, typed value out.
+
+Every value is validated here, before any weights or data are read, and nothing changes afterwards: the engine,
+the run state and the checkpoints read this object, never the argparse namespace. This is the CLI edge, so its
+errors are `UserError`s naming flags.
+"""
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Tuple
+
+import torch
+
+from heads import HEADS, HeadOptions, resolve_head
+from util.errors import UserError
+from util.lr_sched import WarmupCosine, scaled_lr
+from util.subsets import FRACTION, LIST, PER_CLASS, TrainSubset
+
+CONFIG_VERSION = 3  # 3: train_subset
+MAX_SEED = 2 ** 32 - 1  # numpy's SeedSequence and DataLoader worker seeds need a 32-bit non-negative seed
+
+
+def require(ok, message):
+    if not ok:
+        raise UserError(message)
+
+
+def number_list(text, cast, flag):
+    try:
+        values = [cast(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text!r} is not a comma-separated list of numbers (e.g. {flag} 0.1,0.3)") from None
+    require(values, f"{flag} is empty (pass numbers separated by commas, e.g. {flag} 0.1,0.3)")
+    return values
+
+
+def finite(value, flag, *, minimum=None, above=None):
+    """A finite float >= minimum (or > above), or a UserError naming the flag."""
+    require(math.isfinite(value), f"{flag} {value} is not a finite number (pass a real number)")
+    if minimum is not None:
+        require(value >= minimum, f"{flag} {value:g} is below {minimum:g} (pass a value of at least {minimum:g})")
+    if above is not None:
+        require(value > above, f"{flag} {value:g} must be greater than {above:g} (pass a positive value)")
+    return value
+
+
+def at_least(value, flag, minimum):
+    require(value >= minimum, f"{flag} {value} must be at least {minimum} (pass {flag} {max(minimum, 1)} or more)")
+    return value
+
+
+def resolve_device(text):
+    """A device string torch understands and this machine has."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UserError(f"--device {text!r} is not a device (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        require(torch.cuda.is_available(), f"--device {text} but no CUDA device is available (use --device cpu)")
+        if device.index is not None:
+            count = torch.cuda.device_count()
+            require(device.index < count, f"--device {text} but this machine has {count} CUDA device(s) "
+                                          f"(use cuda:0..cuda:{count - 1})")
+    elif device.type != "cpu":
+        raise UserError(f"--device {text!r} is not supported (use cpu, cuda or cuda:N)")
+    return str(device)
+
+
+def check_amp(amp, device):
+    require(not (amp == "float16" and not device.startswith("cuda")),
+            "--amp float16 needs a CUDA device (use --amp bfloat16 or none on CPU)")
+    return amp
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which frozen encoder, read how, and which of its tokens the heads see."""
+    model: str
+    finetune: str = ""
+    checkpoint_key: Optional[str] = None
+    simmim: bool = False
+    no_cls_token: bool = False
+    input_size: int = 224
+    return_block: Optional[int] = None
+    final_norm: bool = False
+
+    def build_kwargs(self):
+        """Keyword arguments of models_vit.build_encoder for this spec."""
+        kwargs = dict(simmim=self.simmim, input_size=self.input_size, no_cls_token=self.no_cls_token,
+                      final_norm=self.final_norm)
+        if self.checkpoint_key is not None:
+            kwargs["checkpoint_key"] = self.checkpoint_key
+        return kwargs
+
+
+def model_architecture(model):
+    """models_vit.architecture for a --model value: sizes known without reading weights or downloading."""
+    from models_vit import architecture
+
+    try:
+        return architecture(model)
+    except ValueError as err:
+        raise UserError(f"{err} (pick a preset or a timm ViT/BEiT architecture as --model)") from None
+
+
+def resolve_encoder(args, *, with_block=True):
+    """EncoderSpec from the encoder flags both entry points share; sizes checked against the architecture."""
+    require(args.input_size >= 1, f"--input_size {args.input_size} must be positive (e.g. --input_size 224)")
+    arch = model_architecture(args.model)
+    patch, depth = arch["patch_size"], arch["depth"]
+    require(args.input_size % patch == 0, f"--input_size {args.input_size} is not divisible by the patch size "
+                                          f"{patch} of {args.model} (use a multiple of {patch})")
+    block = getattr(args, "return_block", None) if with_block else None
+    if block is not None:
+        require(-depth <= block < depth, f"--return_block {block} does not exist in the {depth}-block {args.model} "
+                                         f"(use 0..{depth - 1}, or -1 for the last block)")
+    return EncoderSpec(model=args.model, finetune=args.finetune, checkpoint_key=args.checkpoint_key or None,
+                       simmim=args.simmim, no_cls_token=args.no_cls_token, input_size=args.input_size,
+                       return_block=block, final_norm=bool(getattr(args, "final_norm", False)) and with_block)
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """One probe of a run: a head trained at one peak lr. `name` is what logs, results and checkpoints show."""
+    name: str
+    head: str
+    lr: float
+    lr_label: str
+
+
+@dataclass(frozen=True)
+class KnnSpec:
+    ks: Tuple[int, ...]
+    temperatures: Tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class LinprobeConfig:
+    encoder: EncoderSpec
+    probes: Tuple[ProbeSpec, ...]
+    head_options: HeadOptions
+    oracle: Optional[EncoderSpec]
+    nb_classes: Optional[int]
+    data_path: str
+    download: bool
+    augment: bool
+    skip_bad_images: bool
+    batch_size: int
+    accum_iter: int
+    world_size: int
+    optimizer: str
+    weight_decay: float
+    schedule: WarmupCosine
+    seed: int
+    device: str
+    amp: str
+    output_dir: str
+    resume: str = ""
+    start_epoch: int = 0
+    eval_only: bool = False
+    dist_eval: bool = False
+    cache_eval_gib: float = 0.0
+    compile: bool = False
+    knn: Optional[KnnSpec] = None
+    train_subset: Optional[TrainSubset] = None
+    num_workers: int = 8
+    pin_mem: bool = True
+    affinity_hack: bool = False
+    wandb: bool = False
+    run_name: Optional[str] = None
+    version: int = field(default=CONFIG_VERSION)
+
+    @property
+    def effective_batch(self):
+        return self.batch_size * self.accum_iter * self.world_size
+
+    @property
+    def epochs(self):
+        return self.schedule.epochs
+
+    @property
+    def heads(self):
+        return list(dict.fromkeys(p.head for p in self.probes))
+
+    @property
+    def needs_attention(self):
+        return any(HEADS[h].needs_attention for h in self.heads)
+
+    def to_dict(self):
+        """A plain, versioned dict (what checkpoints store)."""
+        return asdict(self)
+
+
+def _probe_specs(heads, lrs, labels):
+    single = len(heads) == 1 and len(lrs) == 1
+    return tuple(ProbeSpec(head if single else f"{head}_{label}", head, lr, label)
+                 for head in heads for lr, label in zip(lrs, labels))
+
+
+def _head_options(args, encoder, heads):
+    options = HeadOptions.from_args(args)
+    at_least(options.abmilp_depth, "--abmilp_depth", 1)
+    at_least(options.ep_queries, "--ep_queries", 1)
+    at_least(options.map_heads, "--map_heads", 1)
+    width = model_architecture(encoder.model)["embed_dim"]
+    for flag, value, head in (("--ep_queries", options.ep_queries, "ep"), ("--map_heads", options.map_heads, "map")):
+        if head in heads:
+            require(width % value == 0, f"{flag} {value} does not divide the width {width} of {encoder.model} "
+                                        f"(use a divisor of {width}, e.g. {_divisor_near(width, value)})")
+    return options
+
+
+def _divisor_near(width, value):
+    return min((d for d in range(1, width + 1) if width % d == 0), key=lambda d: abs(d - value))
+
+
+SUBSET_FLAGS = ("--train_per_class", "--train_fraction", "--train_list")
+
+
+def resolve_train_subset(args):
+    """The TrainSubset of --train_per_class / --train_fraction / --train_list (at most one) and --subset_seed;
+    None trains on the whole train split."""
+    given = [flag for flag in SUBSET_FLAGS if getattr(args, flag[2:]) is not None]
+    require(len(given) <= 1, f"{' and '.join(given)} cannot be combined: each chooses the training images (pass "
+                             f"only one of {', '.join(SUBSET_FLAGS)})")
+    seed = args.subset_seed
+    if seed is not None:
+        require(0 <= seed <= MAX_SEED, f"--subset_seed {seed} is out of range (use 0..{MAX_SEED})")
+        require(given and given[0] != "--train_list", f"--subset_seed {seed} has no subset to draw (add "
+                "--train_per_class K or --train_fraction P; a --train_list is used as listed)")
+    if not given:
+        return None
+    seed = 0 if seed is None else seed
+    if args.train_per_class is not None:
+        return TrainSubset(PER_CLASS, at_least(args.train_per_class, "--train_per_class", 1), seed)
+    if args.train_fraction is not None:
+        fraction = finite(args.train_fraction, "--train_fraction", above=0)
+        require(fraction <= 1, f"--train_fraction {fraction:g} is above 1 (pass a fraction in (0, 1], e.g. 0.01 "
+                               "for 1%)")
+        return TrainSubset(FRACTION, fraction, seed)
+    path = os.path.abspath(os.path.expanduser(args.train_list))
+    require(os.path.isfile(path), f"--train_list {args.train_list} is not a file (pass a text file with one "
+                                  "image path per line, relative to the train folder)")
+    return TrainSubset(LIST, path, None)
+
+
+def resolve_linprobe(args, world_size=1):
+    """The run's LinprobeConfig from main_linprobe's parsed arguments, or a UserError naming the first bad flag."""
+    device = resolve_device(args.device)
+    at_least(args.batch_size, "--batch_size", 1)
+    at_least(args.accum_iter, "--accum_iter", 1)
+    at_least(args.num_workers, "--num_workers", 0)
+    require(args.epochs >= (0 if args.knn else 1),
+            f"--epochs {args.epochs} must be at least 1 (pass a positive --epochs; 0 only with --knn)")
+    at_least(args.warmup_epochs, "--warmup_epochs", 0)
+    require(0 <= args.start_epoch and (args.start_epoch < args.epochs or args.eval or args.epochs == 0),
+            f"--start_epoch {args.start_epoch} leaves nothing to train in {args.epochs} epochs "
+            f"(use 0..{max(args.epochs - 1, 0)}, or raise --epochs)")
+    require(0 <= args.seed <= MAX_SEED, f"--seed {args.seed} is out of range (use 0..{MAX_SEED})")
+    finite(args.weight_decay, "--weight_decay", minimum=0)
+    finite(args.cache_eval_features, "--cache_eval_features", minimum=0)
+    if args.nb_classes is not None:
+        at_least(args.nb_classes, "--nb_classes", 1)
+
+    encoder = resolve_encoder(args)
+    try:
+        heads = [resolve_head(name).name for name in args.cls_features.split(",") if name.strip()]
+    except ValueError as err:
+        raise UserError(f"{err} (pass --cls_features one or more of them, comma-separated)") from None
+    require(heads, "--cls_features is empty (name at least one head, e.g. --cls_features cls)")
+    if encoder.no_cls_token:
+        needs_cls = [h for h in heads if HEADS[h].needs_cls]
+        require(not needs_cls, f"--cls_features {','.join(needs_cls)} reads [cls] but --no_cls_token is set "
+                               "(use pos, abmilp or another patch-token head)")
+    oracle = None
+    if any(HEADS[h].needs_oracle for h in heads):
+        require(args.oracle, "--cls_features oracle needs --oracle (a checkpoint path or timm name, e.g. a DINO "
+                             "ViT-B/16)")
+        oracle = EncoderSpec(model=args.oracle_model or args.model, finetune=args.oracle,
+                             input_size=encoder.input_size)
+
+    if args.lr is not None:
+        lrs = [finite(v, "--lr", above=0) for v in number_list(args.lr, float, "--lr")]
+        labels = [f"lr{v:g}" for v in lrs]
+    else:
+        blrs = [finite(v, "--blr", above=0) for v in number_list(args.blr, float, "--blr")]
+        lrs = [scaled_lr(b, args.batch_size, args.accum_iter, world_size) for b in blrs]
+        labels = [f"blr{v:g}" for v in blrs]
+    finite(args.min_lr, "--min_lr", minimum=0)
+    require(args.min_lr <= min(lrs), f"--min_lr {args.min_lr:g} exceeds the peak lr {min(lrs):.4g} "
+                                     "(pass a --min_lr below every probe's lr, e.g. 0)")
+    knn = None
+    if args.knn:
+        ks = tuple(at_least(k, "--knn_k", 1) for k in number_list(args.knn_k, int, "--knn_k"))
+        temps = tuple(finite(t, "--knn_temperature", above=0)
+                      for t in number_list(args.knn_temperature, float, "--knn_temperature"))
+        knn = KnnSpec(ks, temps)
+
+    train_subset = resolve_train_subset(args)
+    output_dir = args.output_dir.rstrip("/") + args.suffix if args.suffix else args.output_dir
+    return LinprobeConfig(
+        encoder=encoder, probes=_probe_specs(heads, lrs, labels), head_options=_head_options(args, encoder, heads),
+        oracle=oracle, nb_classes=args.nb_classes, data_path=str(args.data_path), download=args.download,
+        augment=not args.no_augment, skip_bad_images=args.skip_bad_images, batch_size=args.batch_size,
+        accum_iter=args.accum_iter, world_size=world_size, optimizer=args.optimizer, weight_decay=args.weight_decay,
+        schedule=WarmupCosine(args.epochs, args.warmup_epochs, args.min_lr), seed=args.seed, device=device,
+        amp=check_amp(args.amp, device), output_dir=os.path.expanduser(output_dir), resume=args.resume,
+        start_epoch=args.start_epoch, eval_only=args.eval, dist_eval=args.dist_eval,
+        cache_eval_gib=args.cache_eval_features, compile=args.compile, knn=knn, train_subset=train_subset,
+        num_workers=args.num_workers, pin_mem=args.pin_mem and device.startswith("cuda"),
+        affinity_hack=args.dataloader_affinity_hack, wandb=args.wandb, run_name=args.run_name)
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """The resolved configuration of main_attention_stats.py (measuring mode)."""
+    encoder: EncoderSpec
+    data_path: str
+    max_images: Optional[int]
+    batch_size: int
+    device: str
+    amp: str
+    seed: int
+    num_workers: int
+    output_dir: str
+    draw_2d_embeddings: bool
+    skip_bad_images: bool
+    tensorboard: bool
+    wandb: bool
+    run_name: Optional[str]
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def resolve_stats(args):
+    """StatsConfig from main_attention_stats's parsed arguments, or a UserError naming the first bad flag."""
+    device = resolve_device(args.device)
+    at_least(args.batch_size, "--batch_size", 1)
+    at_least(args.num_workers, "--num_workers", 0)
+    if args.max_images is not None:
+        at_least(args.max_images, "--max_images", 1)
+    require(0 <= args.seed <= MAX_SEED, f"--seed {args.seed} is out of range (use 0..{MAX_SEED})")
+    return StatsConfig(encoder=resolve_encoder(args, with_block=False), data_path=str(args.data_path),
+                       max_images=args.max_images, batch_size=args.batch_size, device=device,
+                       amp=check_amp(args.amp, device), seed=args.seed, num_workers=args.num_workers,
+                       output_dir=os.path.expanduser(args.output_dir), draw_2d_embeddings=args.draw_2d_embeddings,
+                       skip_bad_images=args.skip_bad_images, tensorboard=args.tensorboard, wandb=args.wandb,
+                       run_name=args.run_name)
