@@ -25,7 +25,7 @@ test: venv lint
 # old demo is never resumed or overwritten by accident.
 demo: venv
 	$(PY) main_linprobe.py --data_path digits_clutter --model vit_mini_patch8 --input_size 64 \
-		--finetune checkpoints/mae_mini_clutter.pth --cls_features cls,pos,abmilp --blr 20 --epochs 8 \
+		--finetune checkpoints/mae_mini_clutter.pth --cls_features cls,pos,abmilp --blr 50 --epochs 8 \
 		--warmup_epochs 1 --batch_size 128 --num_workers 0 --output_dir output_dir/demo-$$(date +%Y%m%d-%H%M%S)
 
 # The two shipped encoders, one command each (README, "The paper's claims in miniature"). Each resumes from its
