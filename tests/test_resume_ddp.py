@@ -284,8 +284,11 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_free_space(tmp_path):
 def test_ctrl_c_is_one_line_and_the_same_command_resumes(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, str(ROOT / "main_linprobe.py"), *DIGITS, "--epochs", "3", "--output_dir", str(out)]
+    # SIGINT back to its default in the child: a test session started in the background (`make test &`) ignores
+    # it, and Python then never raises KeyboardInterrupt.
     run = subprocess.Popen(command, cwd=ROOT, env=cli_env(**ONE_THREAD), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while logged_epochs(out) != [0]:
         assert run.poll() is None and time.time() < deadline, "the run ended before logging epoch 0"
