@@ -10,16 +10,16 @@ import math
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from collect_results import best_per_head  # noqa: E402
+
 ENCODERS = ("random", "mae", "mocov3")
 HEADS = ("cls", "pos", "abmilp")
 
 
 def probing_rows(folder):
     rows = json.loads((folder / "results.json").read_text())
-    best = {}
-    for row in rows:
-        if row["head"] in HEADS and (row["head"] not in best or row["best_acc1"] > best[row["head"]]["best_acc1"]):
-            best[row["head"]] = row
+    best = best_per_head(rows)
     knn = {row["head"].removeprefix("knn-"): row["best_acc1"] for row in rows
            if row["probe"].startswith("knn_") and row["probe"].endswith("_k10_T0.07")}
     return best, knn
@@ -40,7 +40,7 @@ def main(out):
         if not (folder / "results.json").is_file():
             continue
         best, knn = probing_rows(folder)
-        cells = [f"{best[h]['best_acc1']:.1f} (lr {best[h]['lr']:.3g}, ep {best[h]['best_epoch']})" if h in best
+        cells = [f"{best[h]['acc1']:.1f} (lr {best[h]['lr']:.3g}, ep {best[h]['epoch']})" if h in best
                  else "-" for h in HEADS]
         cells += [f"{knn[k]:.1f}" if k in knn else "-" for k in ("cls", "mean")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
