@@ -69,7 +69,8 @@ class FrozenTokens:
         # Inference-mode tensors cannot enter autograd; one copy per batch lets the heads train on them.
         clone = lambda t: None if t is None else t.clone()
         return TokenBatch(tokens=tokens.clone(), num_prefix=self.encoder.num_prefix_tokens,
-                          grid=tuple(self.encoder.grid_size), attn=clone(attn), oracle_attn=clone(oracle_attn))
+                          grid=tuple(self.encoder.grid_size), attn=clone(attn), oracle_attn=clone(oracle_attn),
+                          has_cls=bool(self.encoder.has_class_token))
 
 
 class ProbeSet(nn.Module):

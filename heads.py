@@ -25,6 +25,7 @@ class TokenBatch:
     grid: Tuple[int, int]                       # (H, W) patches
     attn: Optional[torch.Tensor] = None         # [B, heads, T, T] attention of the block that made `tokens`
     oracle_attn: Optional[torch.Tensor] = None  # [B, N] oracle's [cls]->patch attention, mean over heads
+    has_cls: Optional[bool] = None              # token 0 is [cls] (None: whenever there is a prefix token)
 
     @property
     def patches(self) -> torch.Tensor:

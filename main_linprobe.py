@@ -352,7 +352,7 @@ def _resume(config, state, probe_set, optimizer, scaler):
                       ValueError: (f"delete {path} to start over, or pass --resume another checkpoint" if not explicit
                                    else "pass --resume a checkpoint-last.pth written by main_linprobe.py")}):
         checkpoint, changed = state.read(path, explicit=explicit)
-        state.resume(checkpoint, probe_set, optimizer, scaler)
+        state.resume(checkpoint, path, probe_set, optimizer, scaler, main=dist.is_main())
     if dist.is_main():
         print(f"resumed {len(probe_set.names)} probe(s) from {path} (epoch {checkpoint['epoch']})", flush=True)
         if changed:

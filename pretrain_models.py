@@ -88,10 +88,6 @@ class MaskedAutoencoder(ViTEncoder):
             if name.startswith(("blocks", "decoder_")):
                 _init_linear(module)
 
-    def encoder_state_dict(self):
-        """MAE's released pretrain layout: the encoder alone (no decoder, no mask token)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
-
     def patchify(self, images):
         """[B, 3, H, W] -> [B, N, p*p*3], patches in raster order, pixels (row, column, channel) inside one."""
         p = self.patch_size

@@ -81,7 +81,7 @@ def test_extract_features_pools_cls_and_patch_mean():
     def tokens_fn(images):
         b = images[:, 0, 0, 0]
         values = 10 * b[:, None] + torch.arange(5.0)[None]  # [B, 5 tokens]
-        return SimpleNamespace(tokens=values[:, :, None].expand(-1, -1, 3), num_prefix=1)
+        return SimpleNamespace(tokens=values[:, :, None].expand(-1, -1, 3), num_prefix=1, has_cls=True)
     loader = [(torch.full((2, 1, 1, 1), 0.0).index_fill(0, torch.tensor([1]), 1.0), torch.tensor([7, 8])),
               (torch.full((1, 1, 1, 1), 2.0), torch.tensor([9]))]
     feats, labels = extract_features(tokens_fn, loader)
@@ -91,9 +91,24 @@ def test_extract_features_pools_cls_and_patch_mean():
 
 
 def test_extract_features_without_prefix_has_no_cls():
-    tokens_fn = lambda images: SimpleNamespace(tokens=torch.ones(len(images), 4, 2), num_prefix=0)
+    tokens_fn = lambda images: SimpleNamespace(tokens=torch.ones(len(images), 4, 2), num_prefix=0, has_cls=None)
     feats, labels = extract_features(tokens_fn, [(torch.zeros(3, 1), torch.tensor([0, 1, 0]))])
     assert set(feats) == {"mean"} and feats["mean"].shape == (3, 2)
+
+
+def test_registers_without_cls_give_no_cls_feature_and_stay_out_of_the_mean():
+    # timm's vit_medium_patch16_reg4_gap_256: 4 register tokens, no [cls] (a small copy of it)
+    import engine_linprobe
+    from models_vit import build_encoder
+    torch.manual_seed(0)
+    encoder = build_encoder("vit_medium_patch16_reg4_gap_256", input_size=32, embed_dim=32, depth=1, num_heads=2,
+                            verbose=False)
+    assert not encoder.has_class_token and encoder.num_prefix_tokens == 4
+    images = torch.randn(3, 3, 32, 32)
+    feats, _ = extract_features(engine_linprobe.FrozenTokens(encoder), [(images, torch.zeros(3))])
+    assert set(feats) == {"mean"}
+    with torch.no_grad():
+        torch.testing.assert_close(feats["mean"], encoder.forward_tokens(images)[:, 4:].mean(dim=1))
 
 
 def test_extract_features_matches_timm_pooling_on_a_tiny_vit():
@@ -102,7 +117,8 @@ def test_extract_features_matches_timm_pooling_on_a_tiny_vit():
     encoder = build_encoder("vit_tiny_patch16", input_size=32, embed_dim=32, depth=2, num_heads=2,
                             final_norm=True, verbose=False)
     images = torch.randn(5, 3, 32, 32)
-    tokens_fn = lambda x: SimpleNamespace(tokens=encoder.forward_tokens(x), num_prefix=encoder.num_prefix_tokens)
+    tokens_fn = lambda x: SimpleNamespace(tokens=encoder.forward_tokens(x), num_prefix=encoder.num_prefix_tokens,
+                                          has_cls=encoder.has_class_token)
     feats, _ = extract_features(tokens_fn, [(images[:3], torch.zeros(3)), (images[3:], torch.zeros(2))])
     with torch.no_grad():
         reference = VisionTransformer.forward_features(encoder, images)  # timm's own, final norm included

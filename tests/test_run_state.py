@@ -119,6 +119,37 @@ def test_log_drops_epochs_after_the_checkpoint(tmp_path):
     assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [0, 1, 2]
 
 
+def test_log_drops_a_line_cut_short(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text(json.dumps({"epoch": 0}) + "\n" + json.dumps({"epoch": 1}) + "\n" + '{"epoch": 2, "tr')
+    truncate_log(log, 5)
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [0, 1]
+
+
+def test_resume_into_another_folder_keeps_the_best_heads_of_the_run_resumed(tmp_path):
+    heads = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(heads.parameters(), lr=0.1, momentum=0.9)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    best_heads = {"weight": torch.full((2, 2), 7.0), "bias": torch.zeros(2)}
+    torch.save({"probes": best_heads}, first / "checkpoint-best.pth")
+    torch.save({"probes": heads.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 1,
+                "best": {"cls": {"acc1": 60.0, "epoch": 0}}}, first / "checkpoint-last.pth")
+    (second / "log.txt").write_text(json.dumps({"epoch": 4}) + "\n")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    state = RunState(second, dict(IDENTITY), ["cls"])
+    checkpoint = torch.load(first / "checkpoint-last.pth")
+    state.resume(checkpoint, first / "checkpoint-last.pth", heads, optimizer, scaler)
+    assert state.start_epoch == 2 and state.best == {"cls": {"acc1": 60.0, "epoch": 0}}
+    assert torch.equal(state.best_states["weight"], best_heads["weight"])  # not only what improves from here on
+    assert (second / "log.txt").read_text() == ""  # epochs past the checkpoint's are dropped
+    other_rank = RunState(second, dict(IDENTITY), ["cls"])
+    (second / "log.txt").write_text(json.dumps({"epoch": 4}) + "\n")
+    other_rank.resume(checkpoint, first / "checkpoint-last.pth", heads, optimizer, scaler, main=False)
+    assert other_rank.best_states == {} and other_rank.start_epoch == 2
+    assert (second / "log.txt").read_text() == json.dumps({"epoch": 4}) + "\n"  # only the main process writes
+
+
 def test_run_info_lists_the_subset_and_removes_a_stale_list(tmp_path):
     from util.run_state import write_run_info
     from util.subsets import PER_CLASS, TrainSubset, select

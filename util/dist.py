@@ -85,10 +85,6 @@ def barrier():
         dist.barrier()
 
 
-def _collective_device():
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 def all_reduce_sum(tensor):
     """Sum `tensor` over ranks in place (no-op when not distributed); returns it."""
     if is_distributed():

@@ -1,6 +1,5 @@
 """The CLI edge. Library modules raise ordinary exceptions (ValueError, FileNotFoundError, ...) with plain
 messages; the entry points turn those a user can cause into one line `error: <problem> (<what to do>)`."""
-import sys
 from contextlib import contextmanager
 
 
@@ -20,13 +19,3 @@ def user_errors(remedies):
         remedy = next(text for kind, text in remedies.items() if isinstance(err, kind))
         message = " ".join(str(err.args[-1] if isinstance(err, OSError) and err.args else err).split())
         raise UserError(f"{message} ({remedy})") from None
-
-
-@contextmanager
-def exit_on_user_error():
-    """Turn a UserError into 'error: <message>' on stderr and exit code 2."""
-    try:
-        yield
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)

@@ -15,8 +15,9 @@ FEATURE_KINDS = ("cls", "mean")
 def extract_features(tokens_fn, loader, kinds=FEATURE_KINDS):
     """One pass of the frozen encoder over `loader` -> ({kind: [N, D] float32 on CPU}, labels [N] int64).
 
-    tokens_fn: images -> TokenBatch (.tokens [B, T, D], .num_prefix). "cls" is the first token and is skipped
-    when the encoder has no prefix token; "mean" averages the patch tokens only, as MAE's global pool does.
+    tokens_fn: images -> TokenBatch (.tokens [B, T, D], .num_prefix, .has_cls). "cls" is the first token and is
+    skipped when the encoder has no [cls] (registers are prefix tokens too, but not [cls]); "mean" averages the
+    patch tokens only, as MAE's global pool does.
     """
     unknown = set(kinds) - set(FEATURE_KINDS)
     if unknown:
@@ -26,7 +27,7 @@ def extract_features(tokens_fn, loader, kinds=FEATURE_KINDS):
         batch = tokens_fn(images)
         tokens = batch.tokens.float()
         pooled = {"mean": tokens[:, batch.num_prefix:].mean(dim=1)}
-        if batch.num_prefix > 0:
+        if batch.num_prefix > 0 if batch.has_cls is None else batch.has_cls:
             pooled["cls"] = tokens[:, 0]
         for kind in kinds:
             if kind in pooled:

@@ -11,6 +11,7 @@ differs, and the entry point words the remedy.
 import fcntl
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict
@@ -199,9 +200,10 @@ class RunState:
             raise IdentityMismatch(path, key, saved[key], self.identity[key])
         return checkpoint, changed
 
-    def resume(self, checkpoint, probe_set, optimizer, scaler):
-        """Heads, optimizer state (momentum) and best results from `checkpoint`; this run's lrs and weight decay
-        stay in force (an optimizer's saved state would otherwise bring back the old ones)."""
+    def resume(self, checkpoint, path, probe_set, optimizer, scaler, *, main=True):
+        """Heads, optimizer state (momentum) and best results from `checkpoint` (read from `path`); this run's lrs
+        and weight decay stay in force (an optimizer's saved state would otherwise bring back the old ones). The
+        main process (`main`) also takes the best heads and trims log.txt: it alone writes the files."""
         probe_set.load_state_dict(checkpoint["probes"])
         if "optimizer" not in checkpoint:
             raise ValueError("the checkpoint holds the best heads but no optimizer state")
@@ -213,7 +215,11 @@ class RunState:
             scaler.load_state_dict(checkpoint["scaler"])
         self.start_epoch = checkpoint["epoch"] + 1
         self.best = {name: checkpoint.get("best", {}).get(name, entry) for name, entry in self.best.items()}
-        best_path = self.output_dir / BEST
+        if not main:
+            return
+        # the best heads of the run resumed, next to its checkpoint: --resume OTHER/checkpoint-last.pth into a new
+        # --output_dir keeps every probe's best weights, not only those that improve from here on
+        best_path = Path(path).with_name(BEST)
         if best_path.exists():
             self.best_states = load_checkpoint(best_path).get("probes", {})
         truncate_log(self.output_dir / LOG, checkpoint["epoch"])
@@ -261,14 +267,22 @@ def read_heads_for_eval(path, identity):
 
 def truncate_log(path, last_epoch):
     """Drop log.txt records of epochs after `last_epoch`: a kill between an epoch's log line and its checkpoint
-    would otherwise leave an epoch the resumed run repeats."""
+    would otherwise leave an epoch the resumed run repeats. A line cut short (a kill or a full disk while it was
+    appended) goes too."""
     path = Path(path)
     if not path.exists():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("epoch", -1) <= last_epoch]
+    kept = [line for line in lines if _epoch_of(line) <= last_epoch]
     if len(kept) != len(lines):
         write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _epoch_of(line):
+    try:
+        return json.loads(line).get("epoch", -1)
+    except ValueError:
+        return math.inf
 
 
 def write_run_info(output_dir, *, config, identity, classes, selection=None):
