@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models_vit import NonFiniteWeights, build_encoder, capture_attention
+from models_vit import build_encoder, capture_attention
 from util import plots
 from util.amp import autocast
 from util.attention_metrics import AttentionStatsAccumulator, metric_names
-from util.cli import add_encoder_arguments, add_runtime_arguments
+from util.cli import ENCODER_REMEDIES, add_encoder_arguments, add_runtime_arguments, bad_images_reported
 from util.cli import run as run_cli
 from util.config import resolve_stats
-from util.data import BadImageError, build_image_set, build_loader, find_bad_image
+from util.data import BadImageError, build_image_set, build_loader
 from util.errors import UserError, user_errors
 from util.run_state import prepare_output_dir
 
@@ -110,13 +110,8 @@ def measure(encoder, loader, device, amp, embeddings=None):
 
 
 def run_loader(encoder, loader, device, amp, embeddings):
-    try:
+    with bad_images_reported(IMAGE_REMEDIES[BadImageError]):
         return measure(encoder, loader, device, amp, embeddings)
-    except Exception as err:  # a DataLoader worker may re-raise a bad image as a RuntimeError with its traceback
-        bad = find_bad_image(err)
-        if bad is None:
-            raise
-        raise UserError(f"{bad} ({IMAGE_REMEDIES[BadImageError]})") from None
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -178,9 +173,10 @@ def compare_runs(run_dirs, output_dir):
 
 
 def log_to_dashboards(config, results, metrics, pngs):
-    if not (config.tensorboard or config.wandb or os.environ.get("WANDB_PROJECT")):
+    from util.run_log import RunLog, wandb_requested
+
+    if not (config.tensorboard or wandb_requested(config.wandb)):
         return
-    from util.run_log import RunLog
 
     log = RunLog(config.output_dir, settings=config.to_dict(), wandb=config.wandb, run_name=config.run_name,
                  tensorboard=config.tensorboard)
@@ -193,10 +189,6 @@ def log_to_dashboards(config, results, metrics, pngs):
 
 # ------------------------------------------------------------------------------------------------ main
 
-ENCODER_REMEDIES = {FileNotFoundError: "check the --finetune path", IsADirectoryError: "pass a checkpoint file",
-                    NonFiniteWeights: "use a checkpoint saved before the run diverged",
-                    ValueError: "pick the --model that matches the checkpoint, or set --checkpoint_key",
-                    OSError: "check the --finetune path"}
 IMAGE_REMEDIES = {FileNotFoundError: "pass --data_path a folder of images, an ImageFolder, or samples",
                   BadImageError: "remove or replace the file, or pass --skip_bad_images",
                   ValueError: "pass --data_path a folder of images, an ImageFolder, or samples"}

@@ -11,7 +11,6 @@ import os
 import sys
 import time
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,7 +19,14 @@ import engine_linprobe as engine
 from heads import HEADS, HeadOptions
 from models_vit import NonFiniteWeights, build_encoder
 from util import dist
-from util.cli import add_encoder_arguments, add_runtime_arguments
+from util.cli import (
+    ENCODER_REMEDIES,
+    SAVE_REMEDIES,
+    add_encoder_arguments,
+    add_runtime_arguments,
+    bad_images_reported,
+    take_output_dir,
+)
 from util.cli import run as run_cli
 from util.config import resolve_linprobe
 from util.data import (
@@ -30,7 +36,6 @@ from util.data import (
     DatasetNotDownloadable,
     build_dataset,
     build_loader,
-    find_bad_image,
 )
 from util.errors import UserError, user_errors
 from util.knn import knn_rows
@@ -39,12 +44,9 @@ from util.run_state import (
     BEST,
     LAST,
     IdentityMismatch,
-    OutputDirBusy,
-    OutputLock,
     RunState,
     experiment_identity,
     fingerprint,
-    prepare_output_dir,
     read_heads_for_eval,
     write_results,
     write_run_info,
@@ -120,10 +122,6 @@ def get_args_parser():
 
 
 # What a user should do when a library call fails for a reason they can fix (first matching type wins).
-ENCODER_REMEDIES = {FileNotFoundError: "check the --finetune path", IsADirectoryError: "pass a checkpoint file",
-                    NonFiniteWeights: "use a checkpoint saved before the run diverged",
-                    ValueError: "pick the --model that matches the checkpoint, or set --checkpoint_key",
-                    OSError: "check the --finetune path"}
 ORACLE_REMEDIES = {FileNotFoundError: "check the --oracle path", IsADirectoryError: "pass --oracle a checkpoint file",
                    NonFiniteWeights: "use an --oracle checkpoint saved before its run diverged",
                    ValueError: "pick the --oracle_model that matches the --oracle checkpoint",
@@ -138,24 +136,6 @@ DATA_REMEDIES = {UnknownSampleNames: "fix the --train_list file, or pass the --d
                  BadImageError: "remove or replace the file, or pass --skip_bad_images",
                  ValueError: "fix the folder named, or pass another --data_path",
                  OSError: "check the network, or copy the dataset there by hand"}
-SAVE_REMEDIES = {OSError: "free some disk space, or pass another --output_dir"}
-
-
-@contextmanager
-def bad_images_stop_this_rank():
-    """An unreadable image met while iterating (possibly in a DataLoader worker) is a user error of the rank
-    whose shard holds it; that rank prints it with its rank number."""
-    try:
-        yield
-    except UserError:
-        raise
-    except Exception as err:
-        bad = find_bad_image(err)
-        if bad is None:
-            raise
-        error = UserError(f"{bad} ({DATA_REMEDIES[BadImageError]})")
-        error.rank_local = True
-        raise error from None
 
 
 def main(args):
@@ -177,15 +157,6 @@ def run(config):
         dist.cleanup_distributed()
 
 
-def _take_output_dir(output_dir):
-    with user_errors({OSError: "pass a writable --output_dir"}):
-        prepare_output_dir(output_dir)
-    try:
-        return OutputLock(output_dir).acquire()
-    except OutputDirBusy as err:
-        raise UserError(f"{err} (wait for it to finish, or pass another --output_dir)") from None
-
-
 def _build_data(config, split, augment=True):
     """One split; the train split is the chosen subset when there is one (also for k-NN)."""
     with user_errors(DATA_REMEDIES):
@@ -195,7 +166,7 @@ def _build_data(config, split, augment=True):
 
 
 def _run(config, device):
-    lock = dist.on_main(_take_output_dir, config.output_dir, share_result=False)
+    lock = dist.on_main(take_output_dir, config.output_dir, share_result=False)
     try:
         _run_locked(config, device)
     finally:
@@ -283,7 +254,7 @@ def _run_locked(config, device):
             # Shuffle and augmentation derive from (seed, epoch, rank): a resumed run replays the epoch exactly.
             loader_train.set_epoch(epoch)
             t0 = time.time()
-            with bad_images_stop_this_rank():
+            with bad_images_reported(DATA_REMEDIES[BadImageError], rank_local=True):
                 train_stats, imgs_per_s = _train_epoch(config, tokens_fn, model, loader_train, optimizer, scaler,
                                                        epoch, device)
                 test_stats = engine.evaluate(tokens_fn, model, loader_val, device=device, amp=config.amp,
@@ -370,7 +341,7 @@ def _evaluate_saved_heads(config, state, tokens_fn, probe_set, dataset_val, devi
         probe_set.load_state_dict(read_heads_for_eval(path, state.identity)["probes"])
     loader = build_loader(dataset_val, config.batch_size, train=False, num_workers=config.num_workers,
                           pin_mem=config.pin_mem, distributed=distributed and config.dist_eval)
-    with bad_images_stop_this_rank():
+    with bad_images_reported(DATA_REMEDIES[BadImageError], rank_local=True):
         stats = engine.evaluate(tokens_fn, probe_set, loader, device=device, amp=config.amp)
     if dist.is_main():
         for name in probe_set.names:

@@ -23,20 +23,19 @@ from tqdm import tqdm
 import pretrain_models
 from models_vit import MODELS
 from util.checkpoint import load_checkpoint, save_atomic
+from util.cli import SAVE_REMEDIES, bad_images_reported, take_output_dir
 from util.cli import run as run_cli
+from util.config import MAX_SEED, at_least, finite, require, resolve_device
 from util.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+    NAMED_SETS,
     BadImageError,
-    DatasetMissing,
     build_dataset,
     build_loader,
-    find_bad_image,
+    normalize,
 )
 from util.errors import UserError, user_errors
 from util.lr_sched import WarmupCosine, scaled_lr
 from util.run_log import RunLog
-from util.run_state import prepare_output_dir
 
 BICUBIC = transforms.InterpolationMode.BICUBIC
 # Each method's published recipe (MAE: main_pretrain.py; MoCo v3: main_moco.py for ViTs); flags override them.
@@ -45,13 +44,11 @@ RECIPES = {
     "mocov3": dict(blr=1.5e-4, weight_decay=0.1, betas=(0.9, 0.999), crop_min=0.08),
 }
 # What a user should do when reading the data fails for a reason they can fix (first matching type wins).
-DATA_REMEDIES = {DatasetMissing: "pass --download to fetch it, or point --data_path name:/root at a copy",
-                 FileNotFoundError: "pass --data_path digits_clutter, digits, or an ImageFolder root with "
+DATA_REMEDIES = {FileNotFoundError: "pass --data_path digits_clutter, digits, or an ImageFolder root with "
                                     "train/<class>/",
                  BadImageError: "remove or replace the file",
                  ValueError: "fix the folder named, or pass another --data_path",
                  OSError: "check the folder named, or pass another --data_path"}
-SAVE_REMEDIES = {OSError: "free some disk space, or pass another --output_dir"}
 # Arguments that do not change what is trained: a resumed run may differ in these only.
 NOT_CONFIG = {"output_dir", "resume", "release_path", "release_fp16", "export", "num_workers", "device",
               "wandb", "run_name", "save_every", "start_epoch", "lr_value"}
@@ -122,19 +119,20 @@ def check_args(args):
         raise UserError("--method is required (pass --method mae or --method mocov3)")
     if args.model not in MODELS:
         raise UserError(f"unknown model '{args.model}' (choose one of {', '.join(MODELS)})")
-    for flag in ("batch_size", "epochs"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} {getattr(args, flag)} must be at least 1 (pass a positive --{flag})")
+    at_least(args.batch_size, "--batch_size", 1)
+    at_least(args.epochs, "--epochs", 1)
+    at_least(args.num_workers, "--num_workers", 0)
+    require(0 <= args.seed <= MAX_SEED, f"--seed {args.seed} is out of range (use 0..{MAX_SEED})")
+    args.device = resolve_device(args.device)
+    if str(args.data_path).partition(":")[0] in NAMED_SETS:
+        raise UserError(f"--data_path {args.data_path}: main_pretrain.py reads digits_clutter, digits or an "
+                        "ImageFolder root (pass one of those)")
     if not 0 <= args.warmup_epochs <= args.epochs:
         raise UserError(f"--warmup_epochs {args.warmup_epochs} must be between 0 and --epochs {args.epochs}")
     if not 0 < args.mask_ratio < 1:
         raise UserError(f"--mask_ratio {args.mask_ratio} must be between 0 and 1 (MAE uses 0.75)")
     if args.max_images is not None and args.max_images < 2:
         raise UserError(f"--max_images {args.max_images} must be at least 2 (or leave it out)")
-    if args.num_workers < 0:
-        raise UserError(f"--num_workers {args.num_workers} is negative (pass 0 or more)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} but no CUDA device is available (use --device cpu)")
     arch = architecture(args)
     if arch["embed_dim"] % arch["num_heads"] or arch["embed_dim"] % 4:
         raise UserError(f"width {arch['embed_dim']} must be divisible by 4 (sin-cos positions) and by the "
@@ -149,9 +147,8 @@ def check_args(args):
                 setattr(args, key, recipe[key])
         if not 0 < args.crop_min <= 1:
             raise UserError(f"--crop_min {args.crop_min} must be in (0, 1]")
-        args.lr_value = args.lr if args.lr is not None else scaled_lr(args.blr, args.batch_size)
-        if args.lr_value <= 0:
-            raise UserError("the learning rate must be positive (pass a positive --blr or --lr)")
+        args.lr_value = finite(args.lr if args.lr is not None else scaled_lr(args.blr, args.batch_size),
+                               "--lr" if args.lr is not None else "the lr from --blr", above=0)
 
 
 def architecture(args):
@@ -170,14 +167,10 @@ def run_config(args):
 
 # ------------------------------------------------------------------------------------------------ data
 
-def _normalize():
-    return [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-
-
 def mae_transform(input_size, crop_min):
     """MAE's pretraining augmentation: RandomResizedCrop (bicubic) and horizontal flip."""
     return transforms.Compose([transforms.RandomResizedCrop(input_size, scale=(crop_min, 1.0), interpolation=BICUBIC),
-                               transforms.RandomHorizontalFlip(), *_normalize()])
+                               transforms.RandomHorizontalFlip(), *normalize()])
 
 
 def moco_crop_transform(input_size, crop_min, blur_p, solarize_p):
@@ -189,7 +182,7 @@ def moco_crop_transform(input_size, crop_min, blur_p, solarize_p):
         transforms.RandomApply([transforms.ColorJitter(0.4, 0.4)], p=0.8),
         transforms.RandomApply([transforms.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p),
         transforms.RandomSolarize(128, p=solarize_p),
-        *_normalize()])
+        *normalize()])
 
 
 class TwoCrops:
@@ -211,7 +204,7 @@ def build_train_set(args):
     """The train split of --data_path (any dataset build_dataset knows) with the method's augmentation."""
     with user_errors(DATA_REMEDIES):
         dataset = build_dataset(args.data_path, "train", args.input_size, augment=False)
-    dataset.transform = pretrain_transform(args)  # every dataset of util/data reads .transform per item
+    dataset.transform = pretrain_transform(args)  # digits, digits_clutter, ImageFolder read .transform per item
     if args.max_images is not None and args.max_images < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(args.max_images))
     return dataset
@@ -308,7 +301,7 @@ def train_one_epoch(args, model, loader, optimizer, epoch, log):
 
 
 def resume_run(args, model, optimizer, path):
-    """(start epoch, loss history) from `path`; a checkpoint of another configuration is refused."""
+    """The checkpoint at `path`, loaded into model and optimizer; one of another configuration is refused."""
     with user_errors({OSError: "pass --resume the checkpoint-last.pth of a main_pretrain.py run",
                       ValueError: "pass --resume a checkpoint written by main_pretrain.py"}):
         ckpt = load_checkpoint(path)
@@ -325,7 +318,7 @@ def resume_run(args, model, optimizer, path):
     load_model_state(args, model, ckpt)
     optimizer.load_state_dict(ckpt["optimizer"])
     print(f"resumed from {path} after epoch {ckpt['epoch']}", flush=True)
-    return ckpt["epoch"] + 1, ckpt.get("history", [])
+    return ckpt
 
 
 def write_release(ckpt, path, fp16):
@@ -352,19 +345,24 @@ def main(args):
     if args.export:
         return export(args)
     check_args(args)
-    with user_errors({OSError: "pass a writable --output_dir"}):
-        prepare_output_dir(args.output_dir)
+    lock = take_output_dir(args.output_dir)
+    try:
+        pretrain(args)
+    finally:
+        lock.release()
+
+
+def pretrain(args):
     torch.manual_seed(args.seed)
     model = build_model(args).to(args.device)
     optimizer = build_optimizer(args, model)
     dataset = build_train_set(args)
     loader = build_loader(dataset, args.batch_size, train=True, num_workers=args.num_workers,
                           pin_mem=args.device.startswith("cuda"), seed=args.seed)
-    start_epoch, history = 0, []
     resume = args.resume or (os.path.join(args.output_dir, CHECKPOINT)
                              if os.path.exists(os.path.join(args.output_dir, CHECKPOINT)) else "")
-    if resume:
-        start_epoch, history = resume_run(args, model, optimizer, resume)
+    resumed = resume_run(args, model, optimizer, resume) if resume else None
+    start_epoch, history = (resumed["epoch"] + 1, resumed.get("history", [])) if resumed else (0, [])
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.method} pretraining of {args.model} ({architecture(args)}), {args.input_size}px, "
           f"{len(dataset)} images of {args.data_path}, batch {args.batch_size}, lr {args.lr_value:.3g}, "
@@ -374,30 +372,24 @@ def main(args):
     started = time.time()
     ckpt = None
     try:
-        for epoch in range(start_epoch, args.epochs):
-            loader.set_epoch(epoch)
-            stats = train_one_epoch(args, model, loader, optimizer, epoch, log)
-            history.append(round(stats["train_loss"], 6))
-            ckpt = training_checkpoint(args, model, optimizer, epoch, history)
-            with user_errors(SAVE_REMEDIES):
-                save_atomic(ckpt, os.path.join(args.output_dir, CHECKPOINT))
-                if args.save_every and (epoch + 1) % args.save_every == 0:
-                    save_atomic(ckpt, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
-            log.line({"epoch": epoch, **{k: round(v, 6) for k, v in stats.items()}})
-            log.scalars({"train/loss": stats["train_loss"], "perf/img_per_s": stats["img/s"]}, epoch)
-            print(f"epoch {epoch}: loss {stats['train_loss']:.4f}, lr {stats['lr']:.3g}, "
-                  f"{stats['seconds']:.1f}s ({stats['img/s']:.0f} img/s)", flush=True)
-    except UserError:
-        raise
-    except Exception as err:  # a DataLoader worker re-raises a bad image as a RuntimeError with its traceback
-        bad = find_bad_image(err)
-        if bad is None:
-            raise
-        raise UserError(f"{bad} ({DATA_REMEDIES[BadImageError]})") from None
+        with bad_images_reported(DATA_REMEDIES[BadImageError]):
+            for epoch in range(start_epoch, args.epochs):
+                loader.set_epoch(epoch)
+                stats = train_one_epoch(args, model, loader, optimizer, epoch, log)
+                history.append(round(stats["train_loss"], 6))
+                ckpt = training_checkpoint(args, model, optimizer, epoch, history)
+                with user_errors(SAVE_REMEDIES):
+                    save_atomic(ckpt, os.path.join(args.output_dir, CHECKPOINT))
+                    if args.save_every and (epoch + 1) % args.save_every == 0:
+                        save_atomic(ckpt, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+                log.line({"epoch": epoch, **{k: round(v, 6) for k, v in stats.items()}})
+                log.scalars({"train/loss": stats["train_loss"], "perf/img_per_s": stats["img/s"]}, epoch)
+                print(f"epoch {epoch}: loss {stats['train_loss']:.4f}, lr {stats['lr']:.3g}, "
+                      f"{stats['seconds']:.1f}s ({stats['img/s']:.0f} img/s)", flush=True)
     finally:
         log.close()
     if ckpt is None:  # nothing left to train: the resumed checkpoint is the final one
-        ckpt = load_checkpoint(resume)
+        ckpt = resumed
         print(f"{resume} has already trained all {args.epochs} epochs", flush=True)
     print(f"done: {args.epochs} epochs, final loss {ckpt['history'][-1]:.4f}, "
           f"{time.time() - started:.0f}s in this run", flush=True)

@@ -31,7 +31,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from util import release_layouts
-from util.checkpoint import load_checkpoint
+from util.checkpoint import NonFiniteWeights, load_checkpoint  # noqa: F401 (callers catch it from here)
 
 # Presets: sizes only; the rest of the architecture (cls, registers, layer scale, position embedding, relative
 # position bias) is read from the checkpoint. Any timm ViT/BEiT architecture name is accepted as well.
@@ -48,10 +48,6 @@ MODELS = {
 MAE_DEFAULTS = dict(mlp_ratio=4.0, qkv_bias=True)
 # Parts of a release's model that are not its encoder (decoders, projection/prediction heads, mask tokens).
 NOT_ENCODER = ("decoder", "mask_token", "head.", "fc_norm.", "lm_head.", "cls_pt_", "masked_embed", "pre_logits.")
-
-
-class NonFiniteWeights(ValueError):
-    """The checkpoint holds NaN or inf weights (a diverged run); nothing useful can be probed from it."""
 
 
 # ---------------------------------------------------------------- encoders

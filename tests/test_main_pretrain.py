@@ -204,6 +204,31 @@ def test_user_errors_are_one_line_on_the_command_line(tmp_path):
         train("--method", "mae", "--mask_ratio", "1.5", "--output_dir", tmp_path)
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--seed", "-1"], "--seed -1 is out of range"),
+    (["--device", "tpu"], "--device 'tpu'"),
+    (["--blr", "nan"], "is not a finite number"),
+    (["--num_workers", "-1"], "--num_workers -1 must be at least 0"),
+    (["--data_path", "pets"], "main_pretrain.py reads digits_clutter, digits or an ImageFolder root"),
+])
+def test_flags_are_checked_before_any_work(tmp_path, flags, expected):
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=expected) as err:
+        train("--method", "mocov3", *flags, "--output_dir", out)
+    assert "\n" not in str(err.value) and not out.exists()
+
+
+def test_a_second_run_on_a_locked_output_dir_is_refused(tmp_path, clutter):
+    from util.run_state import OutputLock
+    lock = OutputLock(tmp_path).acquire()
+    try:
+        with pytest.raises(UserError, match=r"in use by another run \(PID \d+\) \(wait for it to finish"):
+            train("--method", "mae", "--data_path", clutter, *TINY, "--output_dir", tmp_path)
+    finally:
+        lock.release()
+    assert not (tmp_path / "checkpoint-last.pth").exists()
+
+
 # ------------------------------------------------------------------------------------------ shipped checkpoints
 
 def _knn_top1(encoder, train, val):

@@ -9,13 +9,48 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 
 import torch
 
+from util.checkpoint import NonFiniteWeights
+from util.data import find_bad_image
 from util.dist import RendezvousError, launch_env
-from util.errors import UserError
+from util.errors import UserError, user_errors
+from util.run_state import OutputDirBusy, lock_output_dir
 
 INTERRUPTED_EXIT = 130
+# What a user should do when reading the --finetune encoder or writing a result fails (first matching type wins).
+ENCODER_REMEDIES = {FileNotFoundError: "check the --finetune path", IsADirectoryError: "pass a checkpoint file",
+                    NonFiniteWeights: "use a checkpoint saved before the run diverged",
+                    ValueError: "pick the --model that matches the checkpoint, or set --checkpoint_key",
+                    OSError: "check the --finetune path"}
+SAVE_REMEDIES = {OSError: "free some disk space, or pass another --output_dir"}
+OUTPUT_DIR_REMEDIES = {OutputDirBusy: "wait for it to finish, or pass another --output_dir",
+                       OSError: "pass a writable --output_dir"}
+
+
+def take_output_dir(output_dir):
+    """Create --output_dir and hold its lock (release it when the run ends), or a UserError."""
+    with user_errors(OUTPUT_DIR_REMEDIES):
+        return lock_output_dir(output_dir)
+
+
+@contextmanager
+def bad_images_reported(remedy, *, rank_local=False):
+    """An unreadable image met while iterating data (a DataLoader worker re-raises it as a RuntimeError with its
+    traceback) becomes one line naming the file; `rank_local`: the rank whose shard holds it prints it."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        bad = find_bad_image(err)
+        if bad is None:
+            raise
+        error = UserError(f"{bad} ({remedy})")
+        error.rank_local = rank_local
+        raise error from None
 
 
 def add_encoder_arguments(parser, *, default_model="vit_base_patch16"):

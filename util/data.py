@@ -45,7 +45,7 @@ DIGITS_SPLIT_SEED = 0
 
 # ----------------------------------------------------------------------------------------------- transforms
 
-def _normalize():
+def normalize():
     return [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
@@ -71,10 +71,10 @@ def build_transform(split, input_size):
     """MAE linear probing: one-draw RandomResizedCrop + flip for train, Resize(S*256/224) + CenterCrop for val."""
     if split == "train":
         return transforms.Compose([OneDrawResizedCrop(input_size, interpolation=BICUBIC),
-                                   transforms.RandomHorizontalFlip(), *_normalize()])
+                                   transforms.RandomHorizontalFlip(), *normalize()])
     if split == "val":
         return transforms.Compose([transforms.Resize(int(input_size * 256 / 224), interpolation=BICUBIC),
-                                   transforms.CenterCrop(input_size), *_normalize()])
+                                   transforms.CenterCrop(input_size), *normalize()])
     raise ValueError(f"split must be 'train' or 'val', got {split!r}")
 
 
@@ -279,7 +279,7 @@ def _digits_transform(split, input_size):
         return build_transform("val", input_size)
     # Milder than the protocol's crop (a 8% crop can remove the digit) and no flip (a mirrored 2 is no 2).
     return transforms.Compose([OneDrawResizedCrop(input_size, scale=(0.6, 1.0), interpolation=BICUBIC),
-                               *_normalize()])
+                               *normalize()])
 
 
 # ------------------------------------------------------------------------------------ torchvision datasets

@@ -164,20 +164,16 @@ def read_manifest(root):
 
 # ------------------------------------------------------------------------------------------------ dataset
 
-def _normalize():
-    from util.data import IMAGENET_MEAN, IMAGENET_STD
-    return [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-
-
 def build_transform(split, input_size):
     """val: the whole canvas (resized only when input_size differs: a centre crop could cut the digit off).
     train: the same plus a small random shift and zoom (no flip: a mirrored 2 is no 2)."""
+    from util.data import normalize  # util.data imports this module
     bicubic = transforms.InterpolationMode.BICUBIC
     resize = [] if input_size == CANVAS else [transforms.Resize(input_size, interpolation=bicubic)]
     if split == "val":
-        return transforms.Compose([*resize, *_normalize()])
+        return transforms.Compose([*resize, *normalize()])
     return transforms.Compose([transforms.RandomAffine(0, translate=(0.06, 0.06), scale=(0.9, 1.1)), *resize,
-                               *_normalize()])
+                               *normalize()])
 
 
 class DigitsClutter(Dataset):

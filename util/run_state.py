@@ -158,6 +158,12 @@ def first_difference(saved, current, keys):
 
 # ------------------------------------------------------------------------------------------------ run state
 
+def lock_output_dir(output_dir):
+    """prepare_output_dir, then the folder's OutputLock, acquired (OSError, or OutputDirBusy naming the holder)."""
+    prepare_output_dir(output_dir)
+    return OutputLock(output_dir).acquire()
+
+
 class RunState:
     """Best acc1 per probe (with the heads' weights at that epoch), the epoch to start from, and the files.
 
