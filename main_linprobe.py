@@ -240,7 +240,8 @@ def _run_locked(config, device):
                               distributed=distributed and config.dist_eval, **loader_args)
     model = _wrap_for_ddp(probe_set, device) if distributed else probe_set
 
-    knn = dist.on_main(_knn, config, encoder, nb_classes, device) if config.knn is not None else []
+    knn = (dist.on_main(_knn, config, encoder, nb_classes, device, dataset_train, dataset_val)
+           if config.knn is not None else [])
     log = RunLog(config.output_dir, settings=config.to_dict(), wandb=config.wandb, run_name=config.run_name,
                  enabled=dist.is_main())
     if dist.is_main():
@@ -356,12 +357,15 @@ def _wrap_for_ddp(probe_set, device):
                                                      device_ids=[device] if device.startswith("cuda") else None)
 
 
-def _knn(config, encoder, nb_classes, device):
-    """Weighted k-NN (DINO's protocol) on [cls] and mean-pooled tokens of the deterministic val transform."""
+def _knn(config, encoder, nb_classes, device, dataset_train, dataset_val):
+    """Weighted k-NN (DINO's protocol) on [cls] and mean-pooled tokens of the deterministic val transform (the
+    training images are read again without augmentation when training augments them)."""
     tokens_fn = engine.FrozenTokens(encoder, block=config.encoder.return_block, device=device, amp=config.amp)
-    loaders = [build_loader(_build_data(config, split, augment=False), config.batch_size, train=False,
-                            num_workers=config.num_workers) for split in ("train", "val")]
-    with user_errors({BadImageError: DATA_REMEDIES[BadImageError]}):
+    if config.augment:
+        dataset_train = _build_data(config, "train", augment=False)
+    loaders = [build_loader(dataset, config.batch_size, train=False, num_workers=config.num_workers)
+               for dataset in (dataset_train, dataset_val)]
+    with bad_images_reported(DATA_REMEDIES[BadImageError]):
         rows = knn_rows(tokens_fn, *loaders, nb_classes, config.knn.ks, config.knn.temperatures, device)
     best = max(rows, key=lambda r: r["best_acc1"])
     print(f"k-NN: best acc1 {best['best_acc1']:.2f} ({best['probe']})", flush=True)

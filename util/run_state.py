@@ -158,6 +158,14 @@ def first_difference(saved, current, keys):
 
 # ------------------------------------------------------------------------------------------------ run state
 
+def load_heads(path):
+    """A checkpoint of main_linprobe.py (it holds probe heads), or ValueError."""
+    checkpoint = load_checkpoint(path)
+    if "probes" not in checkpoint:
+        raise ValueError(f"{path} holds no probe heads; it is not a checkpoint of main_linprobe.py")
+    return checkpoint
+
+
 def lock_output_dir(output_dir):
     """prepare_output_dir, then the folder's OutputLock, acquired (OSError, or OutputDirBusy naming the holder)."""
     prepare_output_dir(output_dir)
@@ -186,9 +194,7 @@ class RunState:
     def read(self, path, *, explicit):
         """The checkpoint at `path` if it may continue this experiment. Auto-resume (explicit False) needs the same
         identity; an explicit one the same head structure. Returns (checkpoint, changed settings)."""
-        checkpoint = load_checkpoint(path)
-        if "probes" not in checkpoint:
-            raise ValueError(f"{path} holds no probe heads; it is not a checkpoint of main_linprobe.py")
+        checkpoint = load_heads(path)
         saved = checkpoint.get("identity")
         if saved is None:  # written before identities were recorded (version 1): only its structure is known
             legacy = checkpoint.get("config", {})
@@ -259,9 +265,7 @@ class RunState:
 
 def read_heads_for_eval(path, identity):
     """The heads of a checkpoint for --eval: same structure and the same class names, or IdentityMismatch."""
-    checkpoint = load_checkpoint(path)
-    if "probes" not in checkpoint:
-        raise ValueError(f"{path} holds no probe heads; it is not a checkpoint of main_linprobe.py")
+    checkpoint = load_heads(path)
     saved = checkpoint.get("identity") or checkpoint.get("config") or {}
     key = first_difference(saved, identity, STRUCTURE)
     if key:
