@@ -217,9 +217,11 @@ def _run_locked(config, device):
     optimizer = engine.build_optimizer(probe_set, config.probes, config.optimizer, config.weight_decay)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=config.amp == "float16")
 
+    # --eval compares only the heads' structure and classes: no need to hash a multi-GB encoder file for it
+    source = (lambda finetune: finetune) if config.eval_only else (lambda finetune: dist.on_main(fingerprint, finetune))
     identity = experiment_identity(
-        config, encoder_source=dist.on_main(fingerprint, config.encoder.finetune),
-        oracle_source=dist.on_main(fingerprint, config.oracle.finetune) if config.oracle else None,
+        config, encoder_source=source(config.encoder.finetune),
+        oracle_source=source(config.oracle.finetune) if config.oracle else None,
         classes=classes, nb_classes=nb_classes, train_subset=selection.describe() if selection else "full")
     state = RunState(config.output_dir, identity, [p.name for p in config.probes])
     state.start_epoch = config.start_epoch
