@@ -21,7 +21,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 import pretrain_models
-from models_vit import MODELS
+from models_vit import MODELS, NOT_ENCODER
 from util.checkpoint import load_checkpoint, save_atomic
 from util.cli import SAVE_REMEDIES, bad_images_reported, take_output_dir
 from util.cli import run as run_cli
@@ -257,7 +257,7 @@ def release(ckpt, fp16=False):
     (optimizer state left out: the shipped files must stay small; checkpoint-last.pth keeps it)."""
     half = (lambda v: v.half() if fp16 and v.is_floating_point() else v)
     if ckpt.get("method") == "mae":
-        state = {k: half(v) for k, v in ckpt["model"].items() if not k.startswith(("decoder", "mask_token"))}
+        state = {k: half(v) for k, v in ckpt["model"].items() if not k.startswith(NOT_ENCODER)}  # decoder, mask token
         out = {"model": state}
     else:
         out = {"state_dict": {k: half(v) for k, v in ckpt["state_dict"].items()}, "arch": ckpt["arch"]}
