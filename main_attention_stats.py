@@ -23,12 +23,17 @@ from models_vit import build_encoder, capture_attention
 from util import plots
 from util.amp import autocast
 from util.attention_metrics import AttentionStatsAccumulator, metric_names
-from util.cli import ENCODER_REMEDIES, add_encoder_arguments, add_runtime_arguments, bad_images_reported
+from util.cli import (
+    ENCODER_REMEDIES,
+    add_encoder_arguments,
+    add_runtime_arguments,
+    bad_images_reported,
+    take_output_dir,
+)
 from util.cli import run as run_cli
 from util.config import resolve_stats
 from util.data import BadImageError, build_image_set, build_loader
 from util.errors import UserError, user_errors
-from util.run_state import prepare_output_dir
 
 CSV_NAME, JSON_NAME = "attention_stats.csv", "attention_stats.json"
 OVERLAY_NAME, TSNE_IMAGES_NAME, TSNE_TOKENS_NAME = "cls_attention_overlays.png", "tsne_images.png", "tsne_tokens.png"
@@ -152,8 +157,8 @@ def remove_stale_outputs(output_dir, patterns):
             path.unlink()
 
 
-def compare_runs(run_dirs, output_dir):
-    """One compare_<metric>.png per metric found in any run's CSV; a line per run."""
+def read_runs(run_dirs):
+    """{label: (metric names, values)} of each folder's attention_stats.csv."""
     runs = {}
     for run_dir in run_dirs:
         csv_path = Path(run_dir) / CSV_NAME
@@ -162,8 +167,11 @@ def compare_runs(run_dirs, output_dir):
         label = Path(run_dir).resolve().name
         with user_errors({ValueError: "pass folders whose attention_stats.csv main_attention_stats.py wrote"}):
             runs[label if label not in runs else str(run_dir)] = plots.read_stats_csv(csv_path)
-    with user_errors({OSError: "pass a writable --output_dir"}):
-        output_dir = prepare_output_dir(output_dir)
+    return runs
+
+
+def compare_runs(runs, output_dir):
+    """One compare_<metric>.png per metric found in any run's CSV; a line per run."""
     remove_stale_outputs(output_dir, ["compare_*.png"])
     metrics = list(dict.fromkeys(m for names, _ in runs.values() for m in names))
     for metric in metrics:
@@ -196,11 +204,18 @@ OUTPUTS = [CSV_NAME, JSON_NAME, "plot_*.png", OVERLAY_NAME, TSNE_IMAGES_NAME, TS
 
 
 def main(args):
-    if args.compare:
-        return compare_runs(args.compare, args.output_dir)
-    config = resolve_stats(args)
-    with user_errors({OSError: "pass a writable --output_dir"}):
-        output_dir = prepare_output_dir(config.output_dir)
+    """One run writes a folder at a time: the folder is locked as main_linprobe.py and main_pretrain.py lock theirs."""
+    runs = read_runs(args.compare) if args.compare else None
+    config = None if args.compare else resolve_stats(args)
+    output_dir = Path(args.output_dir).expanduser()
+    lock = take_output_dir(output_dir)
+    try:
+        return compare_runs(runs, output_dir) if runs else attention_stats(config, output_dir)
+    finally:
+        lock.release()
+
+
+def attention_stats(config, output_dir):
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     with user_errors(IMAGE_REMEDIES):

@@ -200,6 +200,25 @@ def test_output_dir_that_is_a_file(tmp_path):
         run_main("--model", "vit_tiny_patch16", "--input_size", "32", "--output_dir", str(tmp_path / "file"))
 
 
+@pytest.mark.parametrize("compare", [False, True])
+def test_a_folder_another_run_holds_is_refused_and_untouched(tmp_path, compare):
+    from util.run_state import OutputLock
+    run_main("--model", "vit_tiny_patch16", "--input_size", "32", "--max_images", "2",
+             "--output_dir", str(tmp_path / "run"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "attention_stats.csv").write_text("block,nmi\n0,0.5\n")  # the holder's result so far
+    argv = ["--compare", str(tmp_path / "run")] if compare else ["--model", "vit_tiny_patch16", "--input_size", "32"]
+    lock = OutputLock(out).acquire()
+    try:
+        with pytest.raises(UserError, match=r"in use by another run \(PID \d+\) \(wait for it to finish"):
+            run_main(*argv, "--output_dir", str(out))
+    finally:
+        lock.release()
+    assert [p.name for p in out.iterdir()] == ["attention_stats.csv"]
+    assert (out / "attention_stats.csv").read_text() == "block,nmi\n0,0.5\n"
+
+
 def test_cli_error_is_one_line_on_stderr_with_exit_code_2(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
