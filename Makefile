@@ -45,7 +45,7 @@ pretrain-mocov3: venv
 		--epochs 25 --warmup_epochs 3 --batch_size 64 --blr 4e-3 --crop_min 0.2 --seed 0 \
 		--output_dir output_dir/pretrain-mocov3 --release_path checkpoints/mocov3_mini_clutter.pth
 
-# Probing table and attention comparison of the shipped encoders vs a random one (README); about 9 minutes on one core.
+# Probing table and attention comparison of the shipped encoders vs a random one (README); about 10 minutes on one core.
 claims: venv
 	PY=$(PY) bash benchmarks/claims_in_miniature.sh
 
