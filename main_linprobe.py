@@ -19,9 +19,11 @@ import engine_linprobe as engine
 from heads import HEADS, HeadOptions
 from models_vit import NonFiniteWeights, build_encoder
 from util import dist
+from util.checkpoint import UnsafeCheckpoint
 from util.cli import (
     ENCODER_REMEDIES,
     SAVE_REMEDIES,
+    TRUST_REMEDY,
     add_encoder_arguments,
     add_runtime_arguments,
     bad_images_reported,
@@ -122,7 +124,8 @@ def get_args_parser():
 
 
 # What a user should do when a library call fails for a reason they can fix (first matching type wins).
-ORACLE_REMEDIES = {FileNotFoundError: "check the --oracle path", IsADirectoryError: "pass --oracle a checkpoint file",
+ORACLE_REMEDIES = {UnsafeCheckpoint: TRUST_REMEDY,
+                   FileNotFoundError: "check the --oracle path", IsADirectoryError: "pass --oracle a checkpoint file",
                    NonFiniteWeights: "use an --oracle checkpoint saved before its run diverged",
                    ValueError: "pick the --oracle_model that matches the --oracle checkpoint",
                    OSError: "check the --oracle path"}

@@ -218,15 +218,16 @@ def _guess(state):
 # ---------------------------------------------------------------- loading
 
 def build_encoder(model, finetune="", *, checkpoint_key=None, input_size=224, no_cls_token=False,
-                  final_norm=False, simmim=False, verbose=True, **arch):
+                  final_norm=False, simmim=False, trust_checkpoint=False, verbose=True, **arch):
     """Frozen encoder (eval, requires_grad False) from a checkpoint file of any release, a timm name or nothing.
 
     `model`: a MODELS preset or a timm ViT/BEiT architecture name (architecture only; no weights are fetched
     for it). `finetune`: a checkpoint file (its layout and sub-model are recognised from its content;
     `checkpoint_key` picks another sub-model or entry), a timm pretrained name (timm downloads it), or "" for
     random weights. `no_cls_token` builds a random encoder without [cls], and insists that a checkpoint has none;
-    `simmim` insists on a SimMIM/BEiT file (neither is needed to read one). `arch` overrides sizes
-    (patch_size, embed_dim, depth, num_heads, mlp_ratio), e.g. for tiny test models.
+    `simmim` insists on a SimMIM/BEiT file (neither is needed to read one). `trust_checkpoint` unpickles the
+    file fully, running any code it holds (util.checkpoint.load_checkpoint); by default that is refused.
+    `arch` overrides sizes (patch_size, embed_dim, depth, num_heads, mlp_ratio), e.g. for tiny test models.
     """
     spec = architecture(model, **arch)
     _check_input_size(input_size, spec["patch_size"])
@@ -236,7 +237,7 @@ def build_encoder(model, finetune="", *, checkpoint_key=None, input_size=224, no
                    f"grid {encoder.grid_size}")
     elif os.path.exists(finetune) or (_looks_like_path(finetune) and not timm.is_model(finetune)):
         encoder, summary = _load_file(model, arch, finetune, checkpoint_key, input_size, no_cls_token, final_norm,
-                                      simmim)
+                                      simmim, trust_checkpoint)
     else:
         encoder, summary = _load_timm_pretrained(model, spec, finetune, input_size, no_cls_token, final_norm)
     encoder.eval().requires_grad_(False)
@@ -275,8 +276,8 @@ def _random_encoder(model, spec, arch, input_size, no_cls_token, final_norm):
     return _new_encoder(model, arch, input_size, spec["family"], {}, final_norm)
 
 
-def _load_file(model, arch, path, checkpoint_key, input_size, no_cls_token, final_norm, simmim):
-    found = release_layouts.find_encoder(load_checkpoint(path), path, checkpoint_key)
+def _load_file(model, arch, path, checkpoint_key, input_size, no_cls_token, final_norm, simmim, trust):
+    found = release_layouts.find_encoder(load_checkpoint(path, trust=trust), path, checkpoint_key)
     if simmim and found.layout not in ("SimMIM", "BEiT/BEiT-v2"):
         raise ValueError(f"{found.description} is not a SimMIM/BEiT checkpoint (SimMIM files are recognised "
                          "without being named)")

@@ -58,6 +58,40 @@ def write_mae_checkpoint(path, *, key="model", seed=0, **arch):
     return Path(path)
 
 
+class RunsCode:
+    """Pickles to a call of `function(*args)`: what a malicious checkpoint hides in any entry."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+MALICE = ("subprocess", "os.system", "nested")
+
+
+def write_malicious_checkpoint(path, marker, how="subprocess", *, base=None, legacy=False):
+    """A checkpoint that creates `marker` when fully unpickled: an extra entry reducing to subprocess.call, an
+    os.system reducer, or an object nested in the file's first state dict (`model`). `base`: the dict to add it
+    to (default: a tiny MAE file's content, so everything else about the file is valid)."""
+    import os
+    import subprocess
+
+    checkpoint = dict(base) if base is not None else torch.load(write_mae_checkpoint(Path(path)), weights_only=True)
+    if how == "subprocess":
+        checkpoint["extra"] = RunsCode(subprocess.call, ["touch", str(marker)])
+    elif how == "os.system":
+        checkpoint["args"] = RunsCode(os.system, f"touch {marker}")
+    elif how == "nested":  # inside the first state dict of the file (`model`, or `probes` of our checkpoints)
+        entry = next(key for key, value in checkpoint.items() if isinstance(value, dict))
+        checkpoint[entry] = {**checkpoint[entry], "note": RunsCode(subprocess.call, ["touch", str(marker)])}
+    else:
+        raise ValueError(f"unknown kind of malice {how!r}; choose from {MALICE}")
+    torch.save(checkpoint, path, _use_new_zipfile_serialization=not legacy)
+    return Path(path)
+
+
 # ---------------------------------------------------------------------------------------------- image folders
 
 def make_image(size, seed, label, mode="RGB"):

@@ -1,12 +1,14 @@
 """Atomic checkpoint writes and the one checkpoint reader."""
 import argparse
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import MALICE, RunsCode, write_malicious_checkpoint
 from util import checkpoint
-from util.checkpoint import load_checkpoint, save_atomic
+from util.checkpoint import UnsafeCheckpoint, load_checkpoint, save_atomic
 
 
 def test_save_atomic_round_trip_leaves_no_tmp(tmp_path):
@@ -67,3 +69,109 @@ def test_checkpoint_that_is_not_a_dict(tmp_path):
     torch.save(torch.zeros(3), path)
     with pytest.raises(ValueError, match="not a dict of state dicts"):
         load_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------------------ no code runs
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+@pytest.mark.parametrize("how", MALICE)
+def test_a_file_that_asks_to_run_code_is_refused_without_running_it(tmp_path, how, legacy):
+    marker = tmp_path / "code_ran"
+    path = write_malicious_checkpoint(tmp_path / "evil.pth", marker, how, legacy=legacy)
+    with pytest.raises(UnsafeCheckpoint, match="asks to run") as info:
+        load_checkpoint(path)
+    assert not marker.exists()
+    expected = {"subprocess": "subprocess.call", "os.system": "system", "nested": "subprocess.call"}[how]
+    assert expected in str(info.value) and "\n" not in str(info.value)
+    # the payload is live: trusting the file runs it (so the refusal above is what kept it from running)
+    load_checkpoint(path, trust=True)
+    assert marker.exists()
+
+
+def test_a_zip_file_names_every_global_it_asks_for(tmp_path):
+    import os
+    import subprocess
+    checkpoint = {"model": {"w": torch.zeros(2)}, "a": RunsCode(os.system, "true"),
+                  "b": RunsCode(subprocess.call, ["true"]), "args": argparse.Namespace(lr=0.1)}
+    torch.save(checkpoint, tmp_path / "two.pth")
+    with pytest.raises(UnsafeCheckpoint) as info:
+        load_checkpoint(tmp_path / "two.pth")
+    message = str(info.value)
+    assert "posix.system" in message and "subprocess.call" in message
+    assert "argparse.Namespace" not in message  # allowed, so not among what it asks for
+
+
+def _fake_yacs(folder):
+    """A module laid out as yacs.config.CfgNode pickles (a dict subclass carrying state in its __dict__)."""
+    (folder / "yacs").mkdir()
+    (folder / "yacs" / "__init__.py").write_text("")
+    (folder / "yacs" / "config.py").write_text(
+        "class CfgNode(dict):\n"
+        "    def __init__(self, init=None):\n"
+        "        super().__init__({k: CfgNode(v) if type(v) is dict else v for k, v in (init or {}).items()})\n"
+        "        self.__dict__['__immutable__'] = False\n"
+        "        self.__dict__['__deprecated_keys__'] = set()\n"
+        "        self.__dict__['__new_allowed__'] = False\n")
+
+
+def test_simmim_config_loads_as_plain_data_without_yacs(tmp_path, monkeypatch):
+    """SimMIM stores its yacs CfgNode next to the weights: it comes back as nested dicts, and yacs itself is never
+    imported (it need not be installed), so nothing of it runs."""
+    import sys
+    _fake_yacs(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from yacs.config import CfgNode
+    weights = {"encoder.patch_embed.proj.weight": torch.randn(4, 3, 2, 2)}
+    torch.save({"model": weights, "config": CfgNode({"MODEL": {"TYPE": "vit", "DEPTH": 12}}), "epoch": 799},
+               tmp_path / "simmim.pth")
+    monkeypatch.delitem(sys.modules, "yacs.config")
+    monkeypatch.delitem(sys.modules, "yacs")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    loaded = load_checkpoint(tmp_path / "simmim.pth")
+    assert "yacs" not in sys.modules
+    assert loaded["config"] == {"MODEL": {"TYPE": "vit", "DEPTH": 12}} and loaded["epoch"] == 799
+    assert torch.equal(loaded["model"]["encoder.patch_embed.proj.weight"], weights["encoder.patch_embed.proj.weight"])
+
+
+def _rename_global(path, old, new):
+    """Rewrite a zip checkpoint's pickle so its GLOBAL opcodes name `new` instead of `old` (both 'module\\nname')."""
+    import zipfile
+    with zipfile.ZipFile(path) as src:
+        items = [(info, src.read(info)) for info in src.infolist()]
+    with zipfile.ZipFile(path, "w") as dst:
+        for info, data in items:
+            dst.writestr(info, data.replace(old, new) if info.filename.endswith("data.pkl") else data)
+
+
+def test_numpy_values_load_also_under_numpy_1_names(tmp_path):
+    import numpy as np
+    torch.save({"loss": np.float64(0.25), "hist": np.arange(4, dtype=np.int64), "w": torch.ones(2)},
+               tmp_path / "np.pth")
+    _rename_global(tmp_path / "np.pth", b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+    loaded = load_checkpoint(tmp_path / "np.pth")
+    assert loaded["loss"] == 0.25 and loaded["hist"].tolist() == [0, 1, 2, 3]
+
+
+def test_shipped_encoders_load_under_the_allow_list():
+    for path in sorted((Path(__file__).resolve().parents[1] / "checkpoints").glob("*.pth")):
+        assert load_checkpoint(path)  # no trust needed: our releases hold tensors, numbers, strings, containers
+
+
+def test_safetensors_copy_keeps_the_nesting_and_drops_objects(tmp_path):
+    import subprocess
+    import sys
+    checkpoint = {"model": {"blocks.0.w": torch.randn(3, 2), "norm.bias": torch.zeros(2)}, "epoch": 7,
+                  "args": argparse.Namespace(lr=0.5, name="mae"), "seen": {3, 4}}
+    torch.save(checkpoint, tmp_path / "in.pth")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "util.checkpoint", str(tmp_path / "in.pth"),
+                           str(tmp_path / "out.safetensors")], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "seen (set)" in done.stdout  # named as left out
+    loaded = load_checkpoint(tmp_path / "out.safetensors")
+    assert set(loaded) == {"model", "epoch", "args"}
+    assert torch.equal(loaded["model"]["blocks.0.w"], checkpoint["model"]["blocks.0.w"])
+    assert loaded["epoch"] == 7 and loaded["args"] == {"lr": 0.5, "name": "mae"}
+    again = subprocess.run([sys.executable, "-m", "util.checkpoint", str(tmp_path / "in.pth"),
+                            str(tmp_path / "out.safetensors")], cwd=root, capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.startswith("error: ") and "exists" in again.stderr

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from helpers import (
+    MALICE,
     TINY,
     assert_user_error,
     cli_env,
@@ -22,6 +23,7 @@ from helpers import (
     run_cli,
     snapshot,
     write_mae_checkpoint,
+    write_malicious_checkpoint,
 )
 from models_vit import build_encoder
 
@@ -302,6 +304,89 @@ def eval_on_renamed_classes(tmp, shared):
                 ["classes=", "zebra"])
 
 
+# ------------------------------------------------------------------------------ checkpoints that run code
+
+# Every reader of a checkpoint refuses a file that asks to run code, and nothing of it runs: each case's file
+# would create tmp/code_ran when unpickled (test_no_checkpoint_code_ran checks that it does not exist).
+CODE_RAN = "code_ran"
+TRUST_FRAGMENTS = ["asks to run", "--trust_checkpoint", "python -m util.checkpoint"]
+
+
+def _malicious_finetune(how, legacy=False):
+    def build(tmp, shared):
+        evil = write_malicious_checkpoint(tmp / "downloaded.pth", tmp / CODE_RAN, how, legacy=legacy)
+        return Case(["--data_path", shared.data, "--finetune", evil], [str(evil), *TRUST_FRAGMENTS])
+    return build
+
+
+for _how in MALICE:
+    CASES[f"code_in_finetune_{_how.replace('.', '_')}"] = _malicious_finetune(_how)
+CASES["code_in_finetune_legacy_format"] = _malicious_finetune("subprocess", legacy=True)
+
+
+@case
+def code_in_oracle(tmp, shared):
+    evil = write_malicious_checkpoint(tmp / "dino.pth", tmp / CODE_RAN)
+    return Case(["--data_path", shared.data, "--cls_features", "oracle", "--oracle", evil],
+                [str(evil), *TRUST_FRAGMENTS])
+
+
+def _malicious_heads(tmp, shared, folder=None, name="checkpoint-last.pth"):
+    """Heads of a finished run with code nested among them, in `folder` (default tmp); the marker is in tmp."""
+    heads = torch.load(shared.previous_run() / "checkpoint-last.pth", weights_only=True)
+    return write_malicious_checkpoint((folder or tmp) / name, tmp / CODE_RAN, "nested", base=heads)
+
+
+@case
+def code_in_explicit_resume(tmp, shared):
+    evil = _malicious_heads(tmp, shared)
+    return Case(["--data_path", shared.data, "--cls_features", "cls", "--resume", evil], [str(evil), "asks to run"])
+
+
+@case
+def code_in_auto_resume(tmp, shared):
+    previous = copy_previous(tmp, shared)
+    evil = _malicious_heads(tmp, shared, folder=previous)
+    return Case(["--data_path", shared.data, "--cls_features", "cls", "--output_dir", previous],
+                [str(evil), "asks to run"], sentinel=False)
+
+
+@case
+def code_in_eval_heads(tmp, shared):
+    evil = _malicious_heads(tmp, shared, name="checkpoint-best.pth")
+    return Case(["--data_path", shared.data, "--cls_features", "cls", "--eval", "--resume", evil],
+                [str(evil), "asks to run"])
+
+
+@case
+def attention_stats_code_in_finetune(tmp, shared):
+    evil = write_malicious_checkpoint(tmp / "downloaded.pth", tmp / CODE_RAN, "os.system")
+    return Case([*STATS, "--input_size", 32, "--data_path", shared.data, "--finetune", evil],
+                [str(evil), *TRUST_FRAGMENTS], script="main_attention_stats.py")
+
+
+def test_no_checkpoint_code_ran(runs):
+    cases = [name for name in CASES if "code_in" in name]
+    for name in cases:
+        runs[name].result()
+    ran = [name for name in cases if (runs["root"] / name / CODE_RAN).exists()]
+    assert not ran, f"checkpoint code ran in {ran}"
+
+
+def trusted_checkpoint_run(out, data):
+    """--trust_checkpoint is the way past the refusal: the file's code runs, and the probe trains on it."""
+    evil = write_malicious_checkpoint(out.parent / f"{out.name}.pth", out.parent / f"{out.name}_{CODE_RAN}")
+    return out.parent / f"{out.name}_{CODE_RAN}", run_cli([*TINY, "--data_path", data, "--finetune", evil,
+                                                           "--trust_checkpoint", "--output_dir", out])
+
+
+def test_trust_checkpoint_runs_the_file_and_trains(runs):
+    marker, done = runs["trusted_checkpoint"].result()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert marker.exists()
+    assert "--trust_checkpoint" in done.stderr  # the run says, in one warning line, that it ran the file's code
+
+
 # ---------------------------------------------------------------------------------------- numeric flags
 
 def flag_case(flags, *fragments):
@@ -417,7 +502,7 @@ def runs(tmp_path_factory):
     pool = ThreadPoolExecutor(max_workers=4)
     previous = pool.submit(finished_run, root / "previous_run", data)
     shared = Shared(data, write_mae_checkpoint(root / "mae_vit_tiny.pth"), lambda: previous.result())
-    futures = {"previous_run": previous}
+    futures = {"previous_run": previous, "root": root}
     for name in SUCCESS_RUNS:
         futures[name] = pool.submit(SUCCESS_RUNS[name], root / name, data)
     for name in CASES:
@@ -459,7 +544,8 @@ def image_modes_run(out, data):
     return root, run_cli([*TINY, "--data_path", root, "--output_dir", out])
 
 
-SUCCESS_RUNS = {"skip_bad_images": skip_bad_images_run, "image_modes": image_modes_run}
+SUCCESS_RUNS = {"skip_bad_images": skip_bad_images_run, "image_modes": image_modes_run,
+                "trusted_checkpoint": trusted_checkpoint_run}
 
 
 def test_skip_bad_images_finishes_and_counts(runs):

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
-from util.checkpoint import NonFiniteWeights
+from util.checkpoint import NonFiniteWeights, UnsafeCheckpoint
 from util.data import find_bad_image
 from util.dist import RendezvousError, launch_env
 from util.errors import UserError, user_errors
@@ -21,7 +21,11 @@ from util.run_state import OutputDirBusy, lock_output_dir
 
 INTERRUPTED_EXIT = 130
 # What a user should do when reading the --finetune encoder or writing a result fails (first matching type wins).
-ENCODER_REMEDIES = {FileNotFoundError: "check the --finetune path", IsADirectoryError: "pass a checkpoint file",
+# Both ways past a checkpoint that asks to run code; each is the user's explicit choice (README, Security).
+TRUST_REMEDY = ("only if you trust its author: pass --trust_checkpoint, which runs that code, or convert the file "
+                "once with python -m util.checkpoint FILE FILE.safetensors")
+ENCODER_REMEDIES = {UnsafeCheckpoint: TRUST_REMEDY,
+                    FileNotFoundError: "check the --finetune path", IsADirectoryError: "pass a checkpoint file",
                     NonFiniteWeights: "use a checkpoint saved before the run diverged",
                     ValueError: "pick the --model that matches the checkpoint, or set --checkpoint_key",
                     OSError: "check the --finetune path"}
@@ -54,7 +58,7 @@ def bad_images_reported(remedy, *, rank_local=False):
 
 
 def add_encoder_arguments(parser, *, default_model="vit_base_patch16"):
-    """--model, --finetune, --checkpoint_key, --simmim, --no_cls_token, --input_size."""
+    """--model, --finetune, --checkpoint_key, --simmim, --trust_checkpoint, --no_cls_token, --input_size."""
     from models_vit import MODELS
 
     parser.add_argument("--model", default=default_model,
@@ -65,6 +69,10 @@ def add_encoder_arguments(parser, *, default_model="vit_base_patch16"):
     parser.add_argument("--checkpoint_key", default="", help="sub-model or entry to read (default: the one the "
                         "release evaluates, e.g. teacher, target_encoder, base_encoder)")
     parser.add_argument("--simmim", action="store_true", help="optional: insist that --finetune is a SimMIM/BEiT file")
+    parser.add_argument("--trust_checkpoint", action="store_true",
+                        help="unpickle the checkpoint fully: RUNS ANY CODE THE FILE HOLDS. Only for a file whose "
+                             "author you trust; without it a file that asks for more than tensors and plain data is "
+                             "refused")
     parser.add_argument("--no_cls_token", action="store_true", help="random encoder without [cls]; a checkpoint "
                         "without one is recognised without this flag")
     parser.add_argument("--input_size", type=int, default=224, help="image side in pixels (a multiple of the patch)")

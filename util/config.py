@@ -79,6 +79,7 @@ class EncoderSpec:
     finetune: str = ""
     checkpoint_key: Optional[str] = None
     simmim: bool = False
+    trust_checkpoint: bool = False
     no_cls_token: bool = False
     input_size: int = 224
     return_block: Optional[int] = None
@@ -87,7 +88,7 @@ class EncoderSpec:
     def build_kwargs(self):
         """Keyword arguments of models_vit.build_encoder for this spec."""
         kwargs = dict(simmim=self.simmim, input_size=self.input_size, no_cls_token=self.no_cls_token,
-                      final_norm=self.final_norm)
+                      final_norm=self.final_norm, trust_checkpoint=self.trust_checkpoint)
         if self.checkpoint_key is not None:
             kwargs["checkpoint_key"] = self.checkpoint_key
         return kwargs
@@ -115,7 +116,8 @@ def resolve_encoder(args, *, with_block=True):
         require(-depth <= block < depth, f"--return_block {block} does not exist in the {depth}-block {args.model} "
                                          f"(use 0..{depth - 1}, or -1 for the last block)")
     return EncoderSpec(model=args.model, finetune=args.finetune, checkpoint_key=args.checkpoint_key or None,
-                       simmim=args.simmim, no_cls_token=args.no_cls_token, input_size=args.input_size,
+                       simmim=args.simmim, trust_checkpoint=args.trust_checkpoint,
+                       no_cls_token=args.no_cls_token, input_size=args.input_size,
                        return_block=block, final_norm=bool(getattr(args, "final_norm", False)) and with_block)
 
 
@@ -277,7 +279,7 @@ def resolve_linprobe(args, world_size=1):
         require(args.oracle, "--cls_features oracle needs --oracle (a checkpoint path or timm name, e.g. a DINO "
                              "ViT-B/16)")
         oracle = EncoderSpec(model=args.oracle_model or args.model, finetune=args.oracle,
-                             input_size=encoder.input_size)
+                             input_size=encoder.input_size, trust_checkpoint=args.trust_checkpoint)
 
     if args.lr is not None:
         lrs = [finite(v, "--lr", above=0) for v in number_list(args.lr, float, "--lr")]
