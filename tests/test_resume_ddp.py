@@ -406,6 +406,14 @@ def test_an_unreadable_image_in_one_shard_is_one_line_and_the_other_process_stop
     assert re.match(r"error: rank [01]: ", line), line
 
 
+def test_a_refused_download_on_rank_0_stops_every_process_with_one_line(tmp_path):
+    # The main process downloads first while the others wait; Stanford Cars cannot be downloaded at all.
+    done = torchrun_script(ROOT / "main_linprobe.py", [*TINY, "--data_path", f"cars:{tmp_path}", "--download",
+                                                       "--output_dir", tmp_path / "out"], cli_env(**ONE_THREAD))
+    line = assert_one_error_from_the_workers(done, str(tmp_path / "stanford_cars"), "by hand")
+    assert not line.startswith("error: rank")
+
+
 COUNTING_IMAGES = textwrap.dedent("""
     # main_linprobe.py, counting the images this process passes through the frozen encoder (into COUNT.<rank>).
     import os, runpy, sys
