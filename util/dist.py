@@ -93,9 +93,10 @@ def all_reduce_sum(tensor):
     return tensor
 
 
-# What gloo and NCCL say when a peer process went away (exited, crashed, was killed) during a collective.
-PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited",
-             "NCCL communicator was aborted")
+# What gloo and NCCL say when a peer process went away (exited, crashed, was killed) during a collective: both
+# fragments of a pair, so that a network error of some download is never taken for one.
+PEER_GONE = (("gloo", "Connection closed by peer"), ("gloo", "Connection reset by peer"),
+             ("ncclRemoteError", "remote process exiting"), ("NCCL communicator was aborted", ""))
 
 
 def peer_failed(err):
@@ -106,7 +107,7 @@ def peer_failed(err):
     seen = set()
     while err is not None and id(err) not in seen:  # DDP's reducer and DataLoader re-raise with the cause inside
         seen.add(id(err))
-        if any(text in str(err) for text in PEER_GONE):
+        if any(a in str(err) and b in str(err) for a, b in PEER_GONE):
             return True
         err = err.__cause__ or err.__context__
     return False
