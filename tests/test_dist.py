@@ -5,9 +5,8 @@ from util.dist import peer_failed
 
 GLOO_CLOSED = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
                "[127.0.0.1]:7307. This is typically caused by a remote worker crashing.")
-NCCL_REMOTE = ("NCCL error in: ProcessGroupNCCL.cpp:3356, remote process exited or there was a network error, NCCL "
-               "version 2.27.5\nncclRemoteError: A call failed possibly due to a network error or a remote process "
-               "exiting prematurely.")
+# torch's own text for NCCL's remote error (in libtorch_cuda.so)
+NCCL_REMOTE = "ncclRemoteError: A call failed possibly due to a network error or a remote process exiting prematurely."
 
 
 @pytest.fixture
