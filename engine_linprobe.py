@@ -303,8 +303,9 @@ class EvalTokenCache:
         if layout.oracle_patches:
             self.buffers["oracle"] = torch.empty((n, layout.oracle_patches), dtype=batch.oracle_attn.dtype)
         if self.device.type == "cuda":
-            for buffer in self.buffers.values():
-                _page_lock(buffer)
+            for name, buffer in self.buffers.items():
+                if name != "targets":  # the loader's labels: small, and copied by evaluate() as fresh ones are
+                    _page_lock(buffer)
 
     def _keep(self, batch, targets):
         if self.buffers is None:
