@@ -286,8 +286,8 @@ class EvalTokenCache:
     (float32): stored in bf16, a channel whose mean is 300x its spread (MAE's pre-norm tokens) gives pooled
     features correlated only 0.86 with their float32 values across images (measured on synthetic tokens), and
     BatchNorm then normalises that rounding. One buffer per field for the whole shard; on CUDA it is page-locked
-    in place (torch's pinned allocator would round each allocation up to a power of two) so the copies back run
-    at full speed.
+    in place (torch's pinned allocator would round each allocation up to a power of two) so copies to the GPU run
+    asynchronously (gpu_check.sh measures them).
     """
 
     def __init__(self, layout: CacheLayout, images, *, device="cpu"):
