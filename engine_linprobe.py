@@ -287,7 +287,7 @@ class EvalTokenCache:
     features correlated only 0.86 with their float32 values across images (measured on synthetic tokens), and
     BatchNorm then normalises that rounding. One buffer per field for the whole shard; on CUDA it is page-locked
     in place (torch's pinned allocator would round each allocation up to a power of two) so copies to the GPU run
-    asynchronously (gpu_check.sh measures them).
+    asynchronously (gpu_check.sh times the evaluation from the cache).
     """
 
     def __init__(self, layout: CacheLayout, images, *, device="cpu"):
