@@ -5,7 +5,10 @@ once; every probe trains on the same tokens with its own BatchNorm, LARS state a
 no parameters, so the gradient of the summed loss w.r.t. one probe is exactly that probe's own gradient.
 """
 import time
+import weakref
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Tuple
 
 import torch
 import torch.nn as nn
@@ -13,7 +16,17 @@ import torch.nn.functional as F
 from timm.utils import accuracy
 from tqdm import tqdm
 
-from heads import HeadOptions, TokenBatch, build_probe
+from heads import (
+    HEADS,
+    CentreAttention,
+    ClsAttentionLowestEntropy,
+    ClsAttentionMean,
+    ClsToken,
+    HeadOptions,
+    TokenBatch,
+    build_probe,
+    centre_indices,
+)
 from models_vit import capture_attention
 from util import dist
 from util.amp import autocast
@@ -215,39 +228,147 @@ def train_one_epoch(tokens_fn, probes, loader, optimizer, scaler, epoch, *, sche
     return stats, seen * dist.world_size() / max(elapsed, 1e-9)
 
 
-class EvalTokenCache:
-    """Validation tokens are deterministic: the first evaluation keeps them (up to `budget_gib`), later ones reuse.
+@dataclass(frozen=True)
+class CacheLayout:
+    """What the heads read of one validation image, so the eval cache keeps that and nothing else."""
+    tokens: int            # tokens kept: 1 ([cls] only, when every head reads [cls] alone) or all of them
+    width: int             # channels per token
+    num_prefix: int        # prefix tokens ([cls] and registers)
+    has_cls: bool
+    grid: Tuple[int, int]
+    keys: int              # tokens the attention attends over (all of the encoder's)
+    attn_heads: int = 0    # 0: no head reads attention
+    attn_rows: Tuple[int, ...] = ()  # query rows of the attention the heads read (the rest is zeros on reuse)
+    oracle_patches: int = 0          # 0: no --oracle
 
-    If the tokens outgrow the budget, caching stops with a warning and every evaluation runs the encoder.
+    def bytes_per_image(self, element_size=4):
+        return element_size * (self.tokens * self.width + self.attn_heads * len(self.attn_rows) * self.keys
+                               + self.oracle_patches)
+
+    def describe(self):
+        parts = [f"{self.tokens} token(s) x {self.width} channels"]
+        if self.attn_heads:
+            parts.append(f"attention {self.attn_heads} heads x {len(self.attn_rows)} of {self.keys} rows x "
+                         f"{self.keys}")
+        if self.oracle_patches:
+            parts.append(f"{self.oracle_patches} oracle weights")
+        return " + ".join(parts)
+
+
+def cache_layout(probe_set, encoder, *, block=None, oracle=None) -> CacheLayout:
+    """The CacheLayout of `probe_set`'s heads on `encoder`'s tokens (of `block`)."""
+    probes = list((probe_set.module if hasattr(probe_set, "module") else probe_set).heads)
+    grid, prefix = tuple(encoder.grid_size), encoder.num_prefix_tokens
+    keys = prefix + grid[0] * grid[1]
+    cls_only = all(type(p.aggregation) is ClsToken for p in probes)
+    rows = set()
+    readers = [p for p in probes if HEADS[p.head_name].needs_attention]
+    for probe in readers:
+        agg = probe.aggregation
+        if isinstance(agg, CentreAttention):  # the k x k centre patches' rows
+            rows.update((prefix + centre_indices(grid, agg.k)).tolist())
+        elif isinstance(agg, (ClsAttentionMean, ClsAttentionLowestEntropy)):  # the [cls] row
+            rows.add(0)
+        else:  # a head this table does not know: keep the whole map
+            rows.update(range(keys))
+    heads = encoder.blocks[encoder.block_index(block)].attn.num_heads if readers else 0
+    return CacheLayout(tokens=1 if cls_only else keys, width=encoder.embed_dim,
+                       num_prefix=prefix, has_cls=bool(encoder.has_class_token), grid=grid,
+                       keys=keys, attn_heads=heads, attn_rows=tuple(sorted(rows)),
+                       oracle_patches=grid[0] * grid[1] if oracle is not None else 0)
+
+
+class EvalTokenCache:
+    """Validation tokens are deterministic: the first evaluation keeps what the heads read of them (CacheLayout),
+    later ones reuse it instead of running the encoder. Under DDP each process keeps its own shard.
+
+    Kept in host memory, not on the GPU, which the batch's activations need, and in the dtype the encoder gave
+    (float32): stored in bf16, a channel whose mean is 300x its spread (MAE's pre-norm tokens) gives pooled
+    features correlated only 0.86 with their float32 values across images (measured on synthetic tokens), and
+    BatchNorm then normalises that rounding. One buffer per field for the whole shard; on CUDA it is page-locked
+    in place (torch's pinned allocator would round each allocation up to a power of two) so copies to the GPU run
+    asynchronously (gpu_check.sh times the evaluation from the cache).
     """
 
-    def __init__(self, budget_gib):
-        self.budget = budget_gib * 2 ** 30
-        self.items, self.size, self.complete, self.overflow = [], 0, False, False
+    def __init__(self, layout: CacheLayout, images, *, device="cpu"):
+        self.layout, self.capacity, self.device = layout, images, torch.device(device)
+        self.buffers, self.batch_ends, self.complete = None, [], False
 
-    def add(self, batch: TokenBatch, targets):
-        if self.overflow:
-            return
-        tensors = [t for t in (batch.tokens, batch.attn, batch.oracle_attn) if t is not None]
-        self.size += sum(t.numel() * t.element_size() for t in tensors)
-        if self.size > self.budget:
-            self.items, self.overflow = [], True
-            if dist.is_main():
-                print(f"note: validation tokens exceed --cache_eval_features {self.budget / 2 ** 30:g} GiB; "
-                      "not caching them", flush=True)
-            return
-        self.items.append((batch, targets))
+    def _allocate(self, batch, targets):
+        layout, n = self.layout, self.capacity
+        self.buffers = {"tokens": torch.empty((n, layout.tokens, layout.width), dtype=batch.tokens.dtype),
+                        "targets": torch.empty(n, dtype=torch.as_tensor(targets).dtype)}
+        if layout.attn_heads:
+            self.buffers["attn"] = torch.empty((n, layout.attn_heads, len(layout.attn_rows), layout.keys),
+                                               dtype=batch.attn.dtype)
+        if layout.oracle_patches:
+            self.buffers["oracle"] = torch.empty((n, layout.oracle_patches), dtype=batch.oracle_attn.dtype)
+        if self.device.type == "cuda":
+            for name, buffer in self.buffers.items():
+                if name != "targets":  # the loader's labels: small, and copied by evaluate() as fresh ones are
+                    _page_lock(buffer)
+
+    def _keep(self, batch, targets):
+        if self.buffers is None:
+            self._allocate(batch, targets)
+        start = self.batch_ends[-1] if self.batch_ends else 0
+        end = start + len(targets)
+        if end > self.capacity:
+            raise RuntimeError(f"the eval cache holds {self.capacity} images but the loader gave more")
+        b = self.buffers
+        b["tokens"][start:end].copy_(batch.tokens[:, :self.layout.tokens])
+        b["targets"][start:end].copy_(torch.as_tensor(targets))
+        if "attn" in b:
+            rows = torch.tensor(self.layout.attn_rows, device=batch.attn.device)
+            b["attn"][start:end].copy_(batch.attn.index_select(2, rows))
+        if "oracle" in b:
+            b["oracle"][start:end].copy_(batch.oracle_attn)
+        self.batch_ends.append(end)
+
+    def _cached(self, start, end):
+        b, layout, device = self.buffers, self.layout, self.device
+        move = lambda t: t.to(device, non_blocking=True)
+        # Shaped as the encoder's output, zeros where the heads read nothing: a head then sees the same values
+        # with the same strides as from the encoder, which keeps its kernels', and so its results', last bits.
+        tokens = move(b["tokens"][start:end])
+        if layout.tokens < layout.keys:
+            kept, tokens = tokens, tokens.new_zeros((end - start, layout.keys, layout.width))
+            tokens[:, :layout.tokens] = kept
+        attn = None
+        if "attn" in b:
+            kept = move(b["attn"][start:end])
+            attn = kept.new_zeros((end - start, layout.attn_heads, layout.keys, layout.keys))
+            attn[:, :, list(layout.attn_rows)] = kept
+        return TokenBatch(tokens=tokens, num_prefix=layout.num_prefix, grid=layout.grid,
+                          attn=attn, oracle_attn=move(b["oracle"][start:end]) if "oracle" in b else None,
+                          has_cls=layout.has_cls), b["targets"][start:end]
 
     def batches(self, tokens_fn, loader):
         """(TokenBatch, targets) pairs: from the cache when complete, else from the encoder (filling the cache)."""
         if self.complete:
-            yield from self.items
+            starts = [0] + self.batch_ends[:-1]
+            for start, end in zip(starts, self.batch_ends):
+                yield self._cached(start, end)
             return
+        self.batch_ends = []  # an evaluation cut short starts over
         for images, targets in loader:
             batch = tokens_fn(images)
-            self.add(batch, targets)
+            self._keep(batch, targets)
             yield batch, targets
-        self.complete = not self.overflow
+        self.complete = True
+
+
+def _page_lock(tensor):
+    """Page-lock a host tensor's memory in place for fast, asynchronous copies to the GPU (left pageable, with a
+    note, if the driver refuses); unlocked when the tensor is freed."""
+    cudart, size = torch.cuda.cudart(), tensor.numel() * tensor.element_size()
+    if size == 0:
+        return
+    if cudart.cudaHostRegister(tensor.data_ptr(), size, 0) != cudart.cudaError.success:
+        if dist.is_main():
+            print("note: the eval cache could not be page-locked; it stays in pageable host memory", flush=True)
+        return
+    weakref.finalize(tensor, cudart.cudaHostUnregister, tensor.data_ptr())
 
 
 def _fresh_batches(tokens_fn, loader):
@@ -259,7 +380,7 @@ def _fresh_batches(tokens_fn, loader):
 def evaluate(tokens_fn, probes, loader, *, device, amp="none", desc="eval", cache=None):
     """Top-1/top-5 accuracy and loss of every probe on `loader` (tokens from `cache` when one is given).
 
-    Under --dist_eval each process sees its own shard (no padding duplicates); the sums are added over processes.
+    Under DDP each process sees its own shard (no padding duplicates); the sums are added over processes.
     """
     probes.eval()
     inner = probes.module if hasattr(probes, "module") else probes

@@ -7,6 +7,7 @@ The command line is read here only: `resolve_linprobe` turns it into one frozen 
 nothing else. Library exceptions a user can cause become one `error:` line at the calls below.
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -72,9 +73,11 @@ def get_args_parser():
     g.add_argument("--resume", default="", help="checkpoint to resume from (default: OUTPUT_DIR/checkpoint-last.pth)")
     g.add_argument("--start_epoch", type=int, default=0)
     g.add_argument("--eval", action="store_true", help="only evaluate the heads of --resume")
-    g.add_argument("--dist_eval", action="store_true", help="shard the validation set over processes")
+    g.add_argument("--dist_eval", action="store_true",
+                   help="shard the validation set over processes (the default under DDP; kept for old commands)")
     g.add_argument("--cache_eval_features", type=float, default=0, metavar="GIB",
-                   help="keep validation tokens in memory up to GIB GiB and reuse them every epoch (0: off)")
+                   help="keep what the heads read of the validation tokens in host memory (refused if it needs more "
+                        "than GIB GiB per process) and reuse it every epoch (0: off)")
     g.add_argument("--compile", action="store_true", help="torch.compile the frozen encoder's forward")
     g.add_argument("--knn", action="store_true", help="also run weighted k-NN on [cls] and mean features")
     g.add_argument("--knn_k", default="10,20,100,200", help="k values of the k-NN sweep")
@@ -147,6 +150,10 @@ def main(args):
     if rank == 0 and args.lr is None:
         print(f"effective batch size {config.effective_batch}: lr = blr * {config.effective_batch} / 256 = "
               + ", ".join(f"{p.lr:.4g}" for p in config.probes[:len(config.probes) // len(config.heads)]))
+    if rank == 0 and config.compile and config.needs_attention:
+        readers = [h for h in config.heads if HEADS[h].needs_attention]
+        print(f"note: --compile is not applied: {','.join(readers)} read attention probabilities, which a compiled "
+              "forward cannot capture; the encoder runs uncompiled", file=sys.stderr, flush=True)
     run(config)
 
 
@@ -195,12 +202,10 @@ def _run_locked(config, device):
         with user_errors(ORACLE_REMEDIES):
             oracle = build_encoder(config.oracle.model, config.oracle.finetune, verbose=dist.is_main(),
                                    **config.oracle.build_kwargs()).to(device)
-    if config.download and not dist.is_main():
-        dist.barrier()  # the main process downloads first, the others then read its copy
-    dataset_train = _build_data(config, "train", augment=config.augment)
-    dataset_val = _build_data(config, "val")
-    if config.download and dist.is_main():
-        dist.barrier()
+    build_both = lambda: (_build_data(config, "train", augment=config.augment), _build_data(config, "val"))
+    # --download: the main process downloads first (its error stops every process), the others then read its copy
+    datasets = dist.on_main(build_both, share_result=False) if config.download else None
+    dataset_train, dataset_val = datasets or build_both()
     classes = list(dataset_train.classes)
     selection = getattr(dataset_train, "selection", None)
     if selection is not None and dist.is_main():
@@ -231,29 +236,25 @@ def _run_locked(config, device):
     if config.eval_only:
         return _evaluate_saved_heads(config, state, tokens_fn, probe_set, dataset_val, device, distributed)
     _resume(config, state, probe_set, optimizer, scaler)
-    if dist.is_main():  # only now: a refused resume leaves the folder as it was
-        with user_errors(SAVE_REMEDIES):
-            write_run_info(config.output_dir, config=config.to_dict(), identity=identity, classes=classes,
-                           selection=selection)
+    cache = _eval_cache(config, probe_set, encoder, oracle, dataset_val, device) if config.cache_eval_gib > 0 else None
+    # only now: a refused resume or cache leaves the folder as it was
+    dist.on_main(_write_run_info, config, identity, classes, selection)
 
     if config.affinity_hack and hasattr(os, "sched_setaffinity"):
         # Launchers may pin each rank to one core; forked data workers inherit this wider mask instead.
         os.sched_setaffinity(0, range(os.cpu_count()))
     loader_args = dict(num_workers=config.num_workers, pin_mem=config.pin_mem, seed=config.seed)
     loader_train = build_loader(dataset_train, config.batch_size, train=True, distributed=distributed, **loader_args)
-    loader_val = build_loader(dataset_val, config.batch_size, train=False,
-                              distributed=distributed and config.dist_eval, **loader_args)
+    loader_val = build_loader(dataset_val, config.batch_size, train=False, distributed=distributed, **loader_args)
     model = _wrap_for_ddp(probe_set, device) if distributed else probe_set
 
-    knn = (dist.on_main(_knn, config, encoder, nb_classes, device, dataset_train, dataset_val)
-           if config.knn is not None else [])
+    knn = _knn(config, encoder, nb_classes, device, dataset_train, dataset_val) if config.knn is not None else []
     log = RunLog(config.output_dir, settings=config.to_dict(), wandb=config.wandb, run_name=config.run_name,
                  enabled=dist.is_main())
     if dist.is_main():
         print(f"training {len(probe_set.names)} probe(s) on {len(dataset_train)} images, validating on "
               f"{len(dataset_val)}, {nb_classes} classes, epochs {state.start_epoch}..{config.epochs - 1}")
     start = time.time()
-    cache = engine.EvalTokenCache(config.cache_eval_gib) if config.cache_eval_gib > 0 else None
     last_saved = state.start_epoch - 1
     try:
         for epoch in range(state.start_epoch, config.epochs):
@@ -266,14 +267,9 @@ def _run_locked(config, device):
                 test_stats = engine.evaluate(tokens_fn, model, loader_val, device=device, amp=config.amp,
                                              cache=cache)
             improved = state.track(probe_set, test_stats, epoch)
-            if dist.is_main():
-                _log_epoch(log, epoch, train_stats, test_stats, imgs_per_s, probe_set.names)  # before the checkpoint
-                with user_errors(SAVE_REMEDIES):
-                    state.save(epoch, probe_set, optimizer, scaler, improved, config.to_dict())
-                top = max(probe_set.names, key=lambda n: test_stats[n]["test_acc1"])
-                print(f"epoch {epoch}: {time.time() - t0:.1f}s, {imgs_per_s:.0f} img/s, best head now {top} "
-                      f"acc1 {test_stats[top]['test_acc1']:.2f} (train loss {train_stats[top]['train_loss']:.4f})",
-                      flush=True)
+            # a failed save stops every process, not only the main one
+            dist.on_main(_end_epoch, config, log, state, (probe_set, optimizer, scaler), epoch, improved,
+                         (train_stats, test_stats, imgs_per_s, time.time() - t0), share_result=False)
             last_saved = epoch
     except KeyboardInterrupt:
         saved = (f"{Path(config.output_dir) / LAST} holds epoch {last_saved}" if last_saved >= 0
@@ -283,13 +279,71 @@ def _run_locked(config, device):
         log.close()
 
     _warn_skipped_images(dataset_train, dataset_val, device)
+    dist.on_main(_write_results, config, state, knn)
     if dist.is_main():
-        with user_errors(SAVE_REMEDIES):
-            print(write_results(config.output_dir, config.probes, state.best, knn))
         top = max(state.best, key=lambda n: state.best[n]["acc1"])
         if state.best[top]["epoch"] >= 0:
             print(f"done in {time.time() - start:.0f}s: best acc1 {state.best[top]['acc1']:.2f} ({top}, epoch "
                   f"{state.best[top]['epoch']}); heads saved in {Path(config.output_dir) / BEST}")
+
+
+def _end_epoch(config, log, state, trained, epoch, improved, stats):
+    """On the main process: the epoch's log line, then its checkpoint, then one line on stdout."""
+    probe_set, optimizer, scaler = trained
+    train_stats, test_stats, imgs_per_s, seconds = stats
+    _log_epoch(log, epoch, train_stats, test_stats, imgs_per_s, probe_set.names)  # before the checkpoint
+    with user_errors(SAVE_REMEDIES):
+        state.save(epoch, probe_set, optimizer, scaler, improved, config.to_dict())
+    top = max(probe_set.names, key=lambda n: test_stats[n]["test_acc1"])
+    print(f"epoch {epoch}: {seconds:.1f}s, {imgs_per_s:.0f} img/s, best head now {top} "
+          f"acc1 {test_stats[top]['test_acc1']:.2f} (train loss {train_stats[top]['train_loss']:.4f})", flush=True)
+
+
+def _write_run_info(config, identity, classes, selection):
+    with user_errors(SAVE_REMEDIES):
+        write_run_info(config.output_dir, config=config.to_dict(), identity=identity, classes=classes,
+                       selection=selection)
+
+
+def _write_results(config, state, knn):
+    with user_errors(SAVE_REMEDIES):
+        print(write_results(config.output_dir, config.probes, state.best, knn))
+
+
+def _eval_cache(config, probe_set, encoder, oracle, dataset_val, device):
+    """The eval cache, sized before anything fills it: one line stating its size per process, or a UserError."""
+    layout = engine.cache_layout(probe_set, encoder, block=config.encoder.return_block, oracle=oracle)
+    images = -(-len(dataset_val) // dist.world_size())  # the largest shard: every process decides alike
+    need = images * layout.bytes_per_image() / 2 ** 30
+    what = f"{images} validation images per process x ({layout.describe()}), float32 in host memory"
+    if need > config.cache_eval_gib:
+        raise UserError(f"the eval cache needs {need:.3g} GiB per process ({what}), more than --cache_eval_features "
+                        f"{config.cache_eval_gib:g} (pass --cache_eval_features {_round_up(need):g} or more, or "
+                        "leave the flag out)")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if dist.world_size() > 1 else 1
+    free = dist.on_main(_available_gib)
+    if free is not None and need * local > free:
+        raise UserError(f"the eval cache needs {need:.3g} GiB per process x {local} process(es) on this machine, but "
+                        f"{free:.3g} GiB of memory is available ({what}) (leave --cache_eval_features out, or run on "
+                        "more machines)")
+    if dist.is_main():
+        print(f"eval cache: {what} = {need:.3g} GiB per process", flush=True)
+    shard = len(range(dist.rank(), len(dataset_val), dist.world_size()))  # build_loader's ShardSampler
+    return engine.EvalTokenCache(layout, shard, device=device)
+
+
+def _round_up(gib):
+    return math.ceil(gib * 100) / 100
+
+
+def _available_gib():
+    """MemAvailable of /proc/meminfo in GiB (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return kib / 2 ** 20
 
 
 def _report_subset(selection, classes, shown=20):
@@ -346,7 +400,7 @@ def _evaluate_saved_heads(config, state, tokens_fn, probe_set, dataset_val, devi
                       "written by main_linprobe.py"}):
         probe_set.load_state_dict(read_heads_for_eval(path, state.identity)["probes"])
     loader = build_loader(dataset_val, config.batch_size, train=False, num_workers=config.num_workers,
-                          pin_mem=config.pin_mem, distributed=distributed and config.dist_eval)
+                          pin_mem=config.pin_mem, distributed=distributed)
     with bad_images_reported(DATA_REMEDIES[BadImageError], rank_local=True):
         stats = engine.evaluate(tokens_fn, probe_set, loader, device=device, amp=config.amp)
     if dist.is_main():
@@ -364,16 +418,18 @@ def _wrap_for_ddp(probe_set, device):
 
 def _knn(config, encoder, nb_classes, device, dataset_train, dataset_val):
     """Weighted k-NN (DINO's protocol) on [cls] and mean-pooled tokens of the deterministic val transform (the
-    training images are read again without augmentation when training augments them)."""
+    training images are read again without augmentation when training augments them). Each process encodes its
+    own shard of both sets (util.knn.knn_rows gathers the training features)."""
     tokens_fn = engine.FrozenTokens(encoder, block=config.encoder.return_block, device=device, amp=config.amp)
     if config.augment:
         dataset_train = _build_data(config, "train", augment=False)
-    loaders = [build_loader(dataset, config.batch_size, train=False, num_workers=config.num_workers)
-               for dataset in (dataset_train, dataset_val)]
-    with bad_images_reported(DATA_REMEDIES[BadImageError]):
+    loaders = [build_loader(dataset, config.batch_size, train=False, num_workers=config.num_workers,
+                            distributed=dist.world_size() > 1) for dataset in (dataset_train, dataset_val)]
+    with bad_images_reported(DATA_REMEDIES[BadImageError], rank_local=True):
         rows = knn_rows(tokens_fn, *loaders, nb_classes, config.knn.ks, config.knn.temperatures, device)
-    best = max(rows, key=lambda r: r["best_acc1"])
-    print(f"k-NN: best acc1 {best['best_acc1']:.2f} ({best['probe']})", flush=True)
+    if dist.is_main():
+        best = max(rows, key=lambda r: r["best_acc1"])
+        print(f"k-NN: best acc1 {best['best_acc1']:.2f} ({best['probe']})", flush=True)
     return rows
 
 

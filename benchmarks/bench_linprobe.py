@@ -14,6 +14,9 @@ loop's own code (lr schedule, loss check, meters, LARS). The measurements altern
 a shared machine's speed hits both sides of a ratio alike.
 Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU the process's peak RSS (VmHWM in /proc/self/status,
 reset before each measurement through /proc/self/clear_refs), which includes the weights and Python itself.
+MFU: the encoder's forward FLOPs per second over the device's dense peak for the precision the matmuls run in
+(--amp bfloat16/float16: the 16-bit peak; --amp none: the fp32 peak, or tf32 where torch allows TF32 matmuls).
+Row (p) runs no encoder, so it has no MFU.
 """
 import argparse
 import contextlib
@@ -54,8 +57,9 @@ def parse_args():
     p.add_argument("--rounds", type=int, default=9, help="alternating rounds; medians are reported")
     p.add_argument("--heads", default="cls,pos,abmilp", help="heads of (c); (b) trains the first one")
     p.add_argument("--blr", default="0.01,0.03,0.1,0.3,1.0", help="base lrs of (c); (b) uses the first one")
-    p.add_argument("--peak_tflops", type=float, default=989.0,
-                   help="peak dense bf16 TFLOP/s of the GPU for MFU (H100/H200 SXM: 989)")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="dense peak TFLOP/s of the device in the precision of --amp, for MFU (default: from "
+                        "PEAK_TFLOPS for the GPUs listed there; otherwise no MFU)")
     p.add_argument("--output", default=None, help="default: benchmarks/results-<device>.json")
     return p.parse_args()
 
@@ -70,6 +74,43 @@ def vit_forward_flops(encoder):
     return 2 * n * d * 3 * encoder.patch_size ** 2 + encoder.depth * per_block
 
 
+# Dense peak TFLOP/s per GPU (vendor datasheets, without sparsity), by the matmuls' precision.
+PEAK_TFLOPS = {
+    "H100 PCIe": {"bfloat16": 756.0, "float16": 756.0, "tf32": 378.0, "float32": 51.0},
+    "H100": {"bfloat16": 989.4, "float16": 989.4, "tf32": 494.7, "float32": 66.9},  # SXM
+    "H200": {"bfloat16": 989.4, "float16": 989.4, "tf32": 494.7, "float32": 66.9},
+    "A100": {"bfloat16": 312.0, "float16": 312.0, "tf32": 156.0, "float32": 19.5},
+}
+
+
+def matmul_precision(amp, tf32):
+    """The precision the encoder's matmuls run in: the autocast dtype, else tf32 or float32."""
+    return amp if amp != "none" else ("tf32" if tf32 else "float32")
+
+
+def peak_tflops(name, precision):
+    """The dense peak for a device name (the first PEAK_TFLOPS key it contains), or None if it is not listed."""
+    key = next((key for key in PEAK_TFLOPS if key in name), None)
+    return None if key is None else PEAK_TFLOPS[key][precision]
+
+
+def mfu(flops_per_image, img_per_s, peak):
+    """Model FLOP utilisation: achieved FLOP/s over the peak (TFLOP/s); None without a peak."""
+    return None if not peak else flops_per_image * img_per_s / (peak * 1e12)
+
+
+def summarize(labels, seconds, peaks, batch_size, flops, peak):
+    """Per row: median img/s and ms/step over the rounds, peak memory, and MFU (None for (p), which runs no
+    encoder: the encoder's FLOPs would score it, wrongly, far above the others; None without a peak)."""
+    results = {}
+    for key, label in labels.items():
+        step = statistics.median(seconds[key])
+        results[key] = {"label": label, "img_per_s": batch_size / step, "ms_per_step": 1000 * step,
+                        "peak_mib": peaks[key], "ms_per_step_rounds": [1000 * s for s in seconds[key]],
+                        "mfu": None if key == "p" else mfu(flops, batch_size / step, peak)}
+    return results
+
+
 def device_name(device):
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(device)
@@ -79,14 +120,19 @@ def device_name(device):
 
 
 class PeakMemory:
-    """Peak memory (MiB) of what runs between reset() and read()."""
+    """Peak memory (MiB) of what runs between reset() and read(), on `device` (not the current CUDA device)."""
 
     def __init__(self, device):
-        self.cuda = device.startswith("cuda")
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
 
     def reset(self):
         if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(self.device)
         else:
             with contextlib.suppress(OSError):  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
                 with open("/proc/self/clear_refs", "w") as f:
@@ -94,7 +140,7 @@ class PeakMemory:
 
     def read(self):
         if self.cuda:
-            return torch.cuda.max_memory_allocated() / 2 ** 20
+            return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
         with open("/proc/self/status") as f:
             kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
         return kib / 1024
@@ -153,7 +199,7 @@ def main(bench):
              "p": (f"(p) {n_probes} probes, tokens precomputed",
                    partial(run_train, many, tokens_fn=lambda _: precomputed))}
     memory = PeakMemory(device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = memory.sync
     for _, fn in cases.values():
         fn(bench.warmup)
     seconds = {key: [] for key in cases}
@@ -169,18 +215,18 @@ def main(bench):
             peaks[key] = max(peaks[key], memory.read())
 
     flops = vit_forward_flops(encoder)
-    results = {}
-    for key, (label, _) in cases.items():
-        step = statistics.median(seconds[key])
-        results[key] = {"label": label, "img_per_s": bench.batch_size / step, "ms_per_step": 1000 * step,
-                        "peak_mib": peaks[key], "ms_per_step_rounds": [1000 * s for s in seconds[key]]}
-        if device.startswith("cuda"):
-            results[key]["mfu"] = flops * bench.batch_size / step / (bench.peak_tflops * 1e12)
+    precision = matmul_precision(bench.amp, torch.backends.cuda.matmul.allow_tf32)
+    peak = bench.peak_tflops or (peak_tflops(device_name(device), precision) if device.startswith("cuda") else None)
+    if peak is None and device.startswith("cuda"):
+        print(f"note: no {precision} peak known for {device_name(device)}: pass --peak_tflops for MFU")
+    labels = {key: label for key, (label, _) in cases.items()}
+    results = summarize(labels, seconds, peaks, bench.batch_size, flops, peak)
     # Each ratio pairs measurements of the same round (same machine load), then takes the median over rounds.
     ratios = {"b_over_a_img_per_s": statistics.median(a / b for a, b in zip(seconds["a"], seconds["b"])),
               "c_over_b_step_time": statistics.median(c / b for c, b in zip(seconds["c"], seconds["b"]))}
     report = {"date": datetime.date.today().isoformat(), "device": device_name(device),
               "torch": torch.__version__, "timm": timm.__version__, "args": vars(bench),
+              "mfu_peak_tflops": peak, "mfu_precision": precision,
               "forward_gflops_per_image": flops / 1e9, "results": results, "ratios": ratios,
               "targets_met": {"b_over_a_img_per_s >= 0.9": ratios["b_over_a_img_per_s"] >= 0.9,
                               "c_over_b_step_time <= 1.3": ratios["c_over_b_step_time"] <= 1.3}}
@@ -197,10 +243,14 @@ def print_table(bench, report):
           f"x {bench.iters} steps; {report['forward_gflops_per_image']:.2f} GFLOP/image forward")
     cuda = bench.device.startswith("cuda")
     memory = "peak alloc MiB" if cuda else "peak RSS MiB"
-    print(f"{'measurement':40s} {'img/s':>9s} {'ms/step':>9s} {memory:>15s}" + (f" {'MFU':>6s}" if cuda else ""))
+    show_mfu = report["mfu_peak_tflops"] is not None
+    if show_mfu:
+        print(f"MFU: encoder forward FLOPs over the {report['mfu_precision']} peak of "
+              f"{report['mfu_peak_tflops']:g} TFLOP/s")
+    print(f"{'measurement':40s} {'img/s':>9s} {'ms/step':>9s} {memory:>15s}" + (f" {'MFU':>6s}" if show_mfu else ""))
     for row in report["results"].values():
-        print(f"{row['label']:40s} {row['img_per_s']:9.1f} {row['ms_per_step']:9.2f} {row['peak_mib']:15.0f}"
-              + (f" {100 * row['mfu']:5.1f}%" if cuda else ""))
+        shown = "" if not show_mfu else "      -" if row["mfu"] is None else f" {100 * row['mfu']:5.1f}%"
+        print(f"{row['label']:40s} {row['img_per_s']:9.1f} {row['ms_per_step']:9.2f} {row['peak_mib']:15.0f}" + shown)
     ratios, met = report["ratios"], list(report["targets_met"].values())
     print(f"b/a img/s     {ratios['b_over_a_img_per_s']:.3f}  (target >= 0.9: {'met' if met[0] else 'MISSED'})")
     print(f"c/b step time {ratios['c_over_b_step_time']:.3f}  (target <= 1.3: {'met' if met[1] else 'MISSED'})")

@@ -175,3 +175,24 @@ def test_safetensors_copy_keeps_the_nesting_and_drops_objects(tmp_path):
     again = subprocess.run([sys.executable, "-m", "util.checkpoint", str(tmp_path / "in.pth"),
                             str(tmp_path / "out.safetensors")], cwd=root, capture_output=True, text=True)
     assert again.returncode == 2 and again.stderr.startswith("error: ") and "exists" in again.stderr
+
+
+def test_save_atomic_writes_every_tensor_on_the_cpu(tmp_path, monkeypatch):
+    # A meta tensor stands in for a CUDA one (this machine has no GPU): Tensor.cpu materialises it as the
+    # device-to-host copy would. What torch.save writes must read back on the CPU without map_location.
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t: torch.full(t.shape, 7.0) if t.is_meta else real_cpu(t))
+    on_device = lambda: torch.empty(2, 3, device="meta")
+    probes = torch.nn.Linear(3, 2, device="meta").state_dict()
+    optimizer = {"state": {0: {"momentum_buffer": on_device(), "step": torch.tensor(3.0)}}, "param_groups": [{}]}
+    state = {"probes": probes, "optimizer": optimizer, "best": [(on_device(), 1)], "epoch": 4, "note": "kept"}
+    save_atomic(state, tmp_path / "checkpoint-last.pth")
+    loaded = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)  # no map_location
+    tensors = [loaded["probes"]["weight"], loaded["probes"]["bias"], loaded["best"][0][0],
+               *loaded["optimizer"]["state"][0].values()]
+    assert all(t.device.type == "cpu" for t in tensors)
+    assert torch.equal(loaded["optimizer"]["state"][0]["momentum_buffer"], torch.full((2, 3), 7.0))
+    assert loaded["optimizer"]["state"][0]["step"] == 3.0 and loaded["best"][0][1] == 1
+    assert loaded["epoch"] == 4 and loaded["note"] == "kept"
+    assert loaded["probes"]._metadata == probes._metadata  # a state_dict keeps its version records
+    assert state["probes"]["weight"].is_meta  # the caller's objects are left as they were

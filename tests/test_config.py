@@ -50,3 +50,24 @@ def test_subset_seed_with_a_list_is_refused(tmp_path):
     listed.write_text("a/b.jpg\n")
     with pytest.raises(UserError, match="--subset_seed 1 has no subset to draw"):
         resolve("--train_list", str(listed), "--subset_seed", "1")
+
+
+LAUNCHED_AS_RANK_1_OF_2 = dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2")
+
+
+def test_under_a_launcher_every_process_takes_cuda_local_rank(monkeypatch):
+    from util.dist import process_device
+    for name, value in LAUNCHED_AS_RANK_1_OF_2.items():
+        monkeypatch.setenv(name, value)
+    assert [process_device(d) for d in ("cuda", "cuda:0", "cpu")] == ["cuda:1", "cuda:1", "cpu"]
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: the device it names
+    assert process_device("cuda:1") == "cuda:1"
+
+
+def test_under_a_launcher_an_explicit_gpu_index_is_refused(monkeypatch):
+    from util.config import resolve_device
+    for name, value in LAUNCHED_AS_RANK_1_OF_2.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=r"--device cuda:0 names one GPU for all 2 processes \(pass --device cuda"):
+        resolve_device("cuda:0")
+    assert resolve_device("cpu") == "cpu"

@@ -264,17 +264,93 @@ def test_cached_eval_tokens_equal_fresh_ones_and_skip_the_encoder(encoder, datas
     probe_set, _ = build(make_config("--cls_features", "cls,abmilp", "--blr", "1", "--batch_size", "16"), encoder)
     loader = build_loader(dataset, 16, train=False)
     fresh = engine.evaluate(engine.FrozenTokens(encoder, device="cpu"), probe_set, loader, device="cpu")
-    tokens_fn, cache = CountingTokens(encoder), engine.EvalTokenCache(1.0)
+    layout = engine.cache_layout(probe_set, encoder)
+    tokens_fn, cache = CountingTokens(encoder), engine.EvalTokenCache(layout, len(dataset))
     first = engine.evaluate(tokens_fn, probe_set, loader, device="cpu", cache=cache)
     assert tokens_fn.calls == len(loader)
     second = engine.evaluate(tokens_fn, probe_set, loader, device="cpu", cache=cache)
     assert tokens_fn.calls == len(loader)  # the second evaluation ran no encoder forward
     assert first == fresh and second == fresh
-    # a budget smaller than one batch of tokens: nothing is kept, every evaluation runs the encoder, same numbers
-    tokens_fn, tiny = CountingTokens(encoder), engine.EvalTokenCache(1e-9)
-    for _ in range(2):
-        assert engine.evaluate(tokens_fn, probe_set, loader, device="cpu", cache=tiny) == fresh
-    assert tokens_fn.calls == 2 * len(loader)
+
+
+def test_eval_cache_of_cls_heads_keeps_only_cls(encoder, dataset):
+    # [cls]-only heads read one token of the 5: the cache holds 1/5 of the tokens and evaluates the same.
+    probe_set, _ = build(make_config("--cls_features", "cls", "--blr", "1,3", "--batch_size", "16"), encoder)
+    layout = engine.cache_layout(probe_set, encoder)
+    assert (layout.tokens, layout.attn_heads) == (1, 0)
+    assert layout.bytes_per_image() == 32 * 4  # one float32 token of width 32
+    loader = build_loader(dataset, 16, train=False)
+    fresh = engine.evaluate(engine.FrozenTokens(encoder, device="cpu"), probe_set, loader, device="cpu")
+    cache = engine.EvalTokenCache(layout, len(dataset))
+    engine.evaluate(engine.FrozenTokens(encoder, device="cpu"), probe_set, loader, device="cpu", cache=cache)
+    assert cache.buffers["tokens"].shape == (48, 1, 32) and "attn" not in cache.buffers
+    assert engine.evaluate(None, probe_set, loader, device="cpu", cache=cache) == fresh
+    # one head that reads patches: every token is kept
+    probe_set, _ = build(make_config("--cls_features", "cls,pos", "--batch_size", "16"), encoder)
+    assert engine.cache_layout(probe_set, encoder).tokens == 5
+
+
+def test_eval_cache_layout_of_vit_b16_on_imagenet():
+    # What README states: ViT-B/16 at 224 px has 197 tokens of 768 channels; ca4 reads the 16 centre patches'
+    # rows and attn-mn the [cls] row of 12 heads x 197 keys; float32 throughout.
+    encoder = build_encoder("vit_base_patch16", verbose=False)
+    config = make_config("--model", "vit_base_patch16", "--cls_features", "pos,ca4,attn-mn")
+    probe_set = engine.build_probe_set(config.probes, encoder, 1000, config.head_options, 0)
+    layout = engine.cache_layout(probe_set, encoder)
+    assert layout.attn_rows == (0, *sorted(1 + 14 * r + c for r in range(5, 9) for c in range(5, 9)))
+    assert layout.bytes_per_image() == 4 * (197 * 768 + 12 * 17 * 197)
+    probe_set = engine.build_probe_set(make_config("--model", "vit_base_patch16").probes, encoder, 1000,
+                                       HeadOptions(), 0)
+    assert engine.cache_layout(probe_set, encoder).bytes_per_image() == 4 * 768  # --cls_features cls
+
+
+@pytest.mark.parametrize("family", ["registers", "registers, no [cls]"])
+def test_eval_cache_keeps_every_attention_row_the_heads_read(family):
+    # Every attention-reading head gives the same output when the rows the cache drops are zero; a cache that
+    # dropped a row a head reads (e.g. without the prefix offset) would change it.
+    name, arch, size = FAMILIES[family]
+    torch.manual_seed(0)
+    enc = build_encoder(name, input_size=size, verbose=False, **arch)
+    batch = engine.FrozenTokens(enc, need_attention=True)(torch.randn(3, 3, size, size))
+    readers = [h for h, spec in HEADS.items() if spec.needs_attention and (enc.has_class_token or not spec.needs_cls)]
+    assert len(readers) >= 4
+    for head in readers:
+        probe_set = engine.ProbeSet({head: build_probe(head, 32, 3, enc.grid_size, enc.num_prefix_tokens,
+                                                       has_cls=enc.has_class_token)}).eval()
+        layout = engine.cache_layout(probe_set, enc)
+        assert 0 < len(layout.attn_rows) <= 16 < layout.keys
+        cache = engine.EvalTokenCache(layout, 3)
+        list(cache.batches(lambda images: batch, [(None, torch.arange(3))]))
+        (cached, _), = cache.batches(None, None)
+        kept = torch.zeros_like(batch.attn)
+        kept[:, :, list(layout.attn_rows)] = batch.attn[:, :, list(layout.attn_rows)]
+        assert torch.equal(cached.attn, kept)
+        torch.testing.assert_close(probe_set(cached)[head], probe_set(batch)[head], rtol=0, atol=0)
+
+
+def test_eval_cache_keeps_mae_scale_tokens_exactly():
+    # MAE's pre-norm tokens: a channel whose mean is 300x its spread. The cache must not round them (bf16 keeps
+    # ~2 of the spread's bits there), so cached and fresh evaluations agree exactly.
+    gen = torch.Generator().manual_seed(0)
+    tokens = 300 + torch.randn(48, 5, 32, generator=gen)
+    targets = torch.randint(0, NUM_CLASSES, (48,), generator=gen)
+    loader = [(torch.arange(i, i + 16), targets[i:i + 16]) for i in range(0, 48, 16)]
+    tokens_fn = lambda idx: TokenBatch(tokens=tokens[idx], num_prefix=1, grid=(2, 2), has_cls=True)
+    torch.manual_seed(0)
+    probe_set = engine.ProbeSet({h: build_probe(h, 32, NUM_CLASSES, (2, 2), 1) for h in ("pos", "cls")})
+    probe_set.train()
+    with torch.no_grad():
+        probe_set(tokens_fn(torch.arange(48)))  # BatchNorm statistics of these features
+    fresh = engine.evaluate(tokens_fn, probe_set, loader, device="cpu")
+    cache = engine.EvalTokenCache(engine.cache_layout(probe_set, SimpleEncoder()), 48)
+    engine.evaluate(tokens_fn, probe_set, loader, device="cpu", cache=cache)
+    assert torch.equal(cache.buffers["tokens"], tokens)
+    assert engine.evaluate(None, probe_set, loader, device="cpu", cache=cache) == fresh
+
+
+class SimpleEncoder:
+    """What cache_layout reads of an encoder: a 2x2 grid behind one [cls], width 32."""
+    grid_size, num_prefix_tokens, embed_dim, has_class_token = (2, 2), 1, 32, True
 
 
 # timm architectures of each family, tiny, at an input size that gives a 4x4 patch grid (room for cp4/ca4)

@@ -14,7 +14,7 @@ import torch
 
 import main_linprobe
 from helpers import DIGITS_BASE as DIGITS
-from helpers import ROOT, cli_env, free_port
+from helpers import ROOT, assert_user_error, cli_env, free_port
 
 HEADS, BLRS, GRID_EPOCHS = ["cls", "pos", "abmilp"], ["0.1", "200"], 4
 # The paper's published command (issue 3, item 1), flags verbatim.
@@ -170,6 +170,33 @@ def test_cached_eval_tokens_give_the_same_accuracy(uninterrupted, resumed):
     for with_cache, fresh in zip(log_lines(straight), log_lines(resumed[0])):
         for key in ("test_acc1", "test_acc5", "test_loss"):
             assert with_cache[key] == fresh[key], (key, with_cache[key], fresh[key])
+
+
+def test_eval_cache_states_its_size_per_process(uninterrupted):
+    # --cls_features cls reads [cls] alone: one token of 192 float32 channels per validation image
+    _, done = uninterrupted
+    images = int(re.search(r"validating on (\d+)", done.stdout).group(1))
+    size = images * 192 * 4 / 2 ** 30
+    assert f"eval cache: {images} validation images per process x (1 token(s) x 192 channels), float32 in host " \
+           f"memory = {size:.3g} GiB per process" in done.stdout, done.stdout[:2000]
+
+
+def test_eval_cache_that_needs_more_than_allowed_is_refused_before_work_starts(tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "main_linprobe.py", *SINGLE, "--cls_features", "cls,pos",
+                           "--cache_eval_features", "0.0001", "--output_dir", out], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert_user_error(done, "the eval cache needs", "GiB per process", "(5 token(s) x 192 channels)",
+                      "more than --cache_eval_features 0.0001", "pass --cache_eval_features 0.01 or more")
+    assert not list(out.glob("*.json")) and not list(out.glob("*.pth"))  # nothing written, nothing trained
+
+
+def test_compile_with_an_attention_head_says_it_is_not_applied(tmp_path):
+    done = run(*DIGITS, "--cls_features", "cls,attn-mn", "--compile", "--epochs", "1", "--warmup_epochs", "1",
+               "--batch_size", "256", "--output_dir", tmp_path / "out")
+    notes = [line for line in done.stderr.splitlines() if line.startswith("note: --compile")]
+    assert notes == ["note: --compile is not applied: attn-mn read attention probabilities, which a compiled "
+                     "forward cannot capture; the encoder runs uncompiled"], done.stderr[-2000:]
 
 
 def printed_acc1(stdout, name):

@@ -1,6 +1,7 @@
 """Interrupted runs lose at most one epoch, a checkpoint is never torn, 2-process DDP equals one process with
 twice the batch, and a non-finite loss stops the run with its epoch and iteration named."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -321,17 +322,138 @@ def test_under_torchrun_an_error_is_printed_once_and_named_as_the_root_cause(tmp
     assert "--blr nan is not a finite number" in done.stderr.split(ours[0], 1)[1], done.stderr[-3000:]
 
 
-def test_dist_eval_counts_every_validation_image_once(tmp_path):
-    # 27 validation images over 2 processes: DistributedSampler would pad one duplicate into the count.
+def test_ddp_evaluates_and_caches_each_shard_and_counts_every_validation_image_once(tmp_path):
+    # 27 validation images over 2 processes, without --dist_eval: each process evaluates (and caches) its own 14
+    # or 13; DistributedSampler would pad one duplicate into the count. Epoch 1 is evaluated from the cache.
     data = make_image_folder(tmp_path / "data", classes=3, per_class=4, val_per_class=9)
     out = tmp_path / "ddp"
-    common = [*TINY, "--data_path", data, "--cls_features", "cls", "--batch_size", "4"]
-    done = torchrun([*common, "--dist_eval", "--output_dir", out], cli_env(**ONE_THREAD))
+    common = [*TINY, "--data_path", data, "--cls_features", "cls,pos", "--batch_size", "4"]
+    done = torchrun([*common, "--epochs", "2", "--cache_eval_features", "1", "--output_dir", out],
+                    cli_env(**ONE_THREAD))
     assert done.returncode == 0, done.stderr[-3000:]
-    logged = json.loads((out / "log.txt").read_text().splitlines()[0])["test_acc1"]
+    assert "eval cache: 14 validation images per process x (5 token(s) x 192 channels)" in done.stdout, done.stdout
+    logged = json.loads((out / "log.txt").read_text().splitlines()[1])["probes"]
     single = run_cli([*common, "--eval", "--resume", out / "checkpoint-last.pth", "--output_dir", tmp_path / "e"],
                      env=cli_env(**ONE_THREAD))
     assert single.returncode == 0, single.stderr[-2000:]
-    printed = float(single.stdout.split("acc1 ")[1].split()[0])
-    hits = logged * 27 / 100  # a whole number of the 27 images, none counted twice
-    assert abs(logged - printed) < 0.005 and abs(hits - round(hits)) < 1e-6, (logged, printed)
+    for name in ("cls_blr50", "pos_blr50"):
+        printed = float(single.stdout.split(f"{name}: acc1 ")[1].split()[0])
+        hits = logged[name]["test_acc1"] * 27 / 100  # a whole number of the 27 images, none counted twice
+        assert abs(logged[name]["test_acc1"] - printed) < 0.005 and abs(hits - round(hits)) < 1e-6, (name, printed)
+
+
+# --------------------------------------------------------------- one process fails, the others stop quietly
+
+def torchrun_script(script, args, env, timeout=300):
+    """`script` (a file) under torchrun with 2 processes; their own lines carry torchrun's [defaultN]: prefix."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--tee", "3",
+                           "--master_port", str(free_port()), str(script), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def worker_lines(text):
+    """What the worker processes printed (torchrun's prefix removed); torchrun's own summary is left out."""
+    return [line.split(":", 1)[1] for line in text.splitlines() if re.match(r"\[default\d+\]:", line)]
+
+
+def assert_one_error_from_the_workers(done, *fragments):
+    lines = worker_lines(done.stderr) + worker_lines(done.stdout)
+    report = "\n".join(lines[-60:])
+    assert done.returncode != 0, report
+    assert not any("Traceback" in line for line in lines), report
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, report
+    assert all(fragment in errors[0] for fragment in fragments), report
+    return errors[0]
+
+
+RANK_0_DISK_FULL = textwrap.dedent("""
+    # main_linprobe.py under torchrun, except that the disk is full: the main process's first checkpoint fails.
+    import errno, os, runpy, sys
+    sys.path.insert(0, os.getcwd())
+    import util.checkpoint as checkpoint
+
+    def full(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    checkpoint.torch.save = full
+    sys.argv = ["main_linprobe.py", *sys.argv[1:]]
+    runpy.run_path("main_linprobe.py", run_name="__main__")
+""")
+
+
+def test_a_failed_save_on_rank_0_stops_every_process_with_one_line(tmp_path):
+    # Only rank 0 saves; rank 1 used to go on into the next epoch's collective and die there with gloo's traceback.
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    script = tmp_path / "disk_full.py"
+    script.write_text(RANK_0_DISK_FULL)
+    out = tmp_path / "out"
+    start = time.time()
+    done = torchrun_script(script, [*TINY, "--data_path", data, "--epochs", "3", "--output_dir", out],
+                           cli_env(**ONE_THREAD))
+    assert_one_error_from_the_workers(done, f"no space left on the device to write {out}", "free some disk space")
+    assert time.time() - start < 240
+    assert logged_epochs(out) == [0] and not (out / "checkpoint-last.pth").exists()
+
+
+def test_an_unreadable_image_in_one_shard_is_one_line_and_the_other_process_stops_quietly(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    bad = data / "train" / "class_1" / "img_5.png"
+    bad.write_bytes(b"")  # zero bytes: in one of the two processes' shards
+    done = torchrun_script(ROOT / "main_linprobe.py", [*TINY, "--data_path", data, "--batch_size", "2",
+                                                       "--output_dir", tmp_path / "out"], cli_env(**ONE_THREAD))
+    line = assert_one_error_from_the_workers(done, str(bad), "--skip_bad_images")
+    assert re.match(r"error: rank [01]: ", line), line
+
+
+def test_a_refused_download_on_rank_0_stops_every_process_with_one_line(tmp_path):
+    # The main process downloads first while the others wait; Stanford Cars cannot be downloaded at all.
+    done = torchrun_script(ROOT / "main_linprobe.py", [*TINY, "--data_path", f"cars:{tmp_path}", "--download",
+                                                       "--output_dir", tmp_path / "out"], cli_env(**ONE_THREAD))
+    line = assert_one_error_from_the_workers(done, str(tmp_path / "stanford_cars"), "by hand")
+    assert not line.startswith("error: rank")
+
+
+COUNTING_IMAGES = textwrap.dedent("""
+    # main_linprobe.py, counting the images this process passes through the frozen encoder (into COUNT.<rank>).
+    import os, runpy, sys
+    sys.path.insert(0, os.getcwd())
+    import engine_linprobe as engine
+
+    count, seen, real = sys.argv.pop(1), [], engine.FrozenTokens.__call__
+    engine.FrozenTokens.__call__ = lambda self, images: seen.append(len(images)) or real(self, images)
+    sys.argv = ["main_linprobe.py", *sys.argv[1:]]
+    runpy.run_path("main_linprobe.py", run_name="__main__")
+    with open(f"{count}.{os.environ.get('RANK', 0)}", "w") as f:
+        f.write(str(sum(seen)))
+""")
+
+
+def test_knn_under_ddp_encodes_each_shard_once_and_equals_one_process(tmp_path):
+    # 21 training and 15 validation images: each process encodes its own shards (11 + 8 and 10 + 7 images), and
+    # the gathered k-NN gives exactly the rows of one process that encodes all 36.
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=7, val_per_class=5)
+    script = tmp_path / "counting.py"
+    script.write_text(COUNTING_IMAGES)
+    common = [*TINY, "--data_path", data, "--epochs", "0", "--knn", "--knn_k", "1,3,5,100", "--knn_temperature",
+              "0.07,1"]
+    env = cli_env(**ONE_THREAD)
+    single = subprocess.run([sys.executable, str(script), tmp_path / "single", *common, "--output_dir",
+                             tmp_path / "one"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    done = torchrun_script(script, [tmp_path / "ddp", *common, "--output_dir", tmp_path / "two"], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "single.0").read_text() == "36"
+    assert [(tmp_path / f"ddp.{rank}").read_text() for rank in (0, 1)] == ["19", "17"]
+    one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
+    assert len(one) == 2 * 4 * 2 and one == two
+
+
+def test_a_gpu_index_under_a_launcher_is_one_line_before_any_rendezvous(tmp_path):
+    # Every process would take cuda:0 ("Duplicate GPU detected" in NCCL). Refused while the flags are read, before
+    # the process waits for its peers (none are started here), on this CPU machine too.
+    env = cli_env(RANK=0, WORLD_SIZE=2, LOCAL_RANK=0, LOCAL_WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=free_port(), BEYOND_CLS_RENDEZVOUS_TIMEOUT=5)
+    done = run_cli([*DIGITS, "--device", "cuda:0", "--output_dir", tmp_path / "out"], env=env, timeout=120)
+    assert_user_error(done, "--device cuda:0 names one GPU for all 2 processes", "pass --device cuda")
+    assert not (tmp_path / "out").exists()

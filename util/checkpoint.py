@@ -4,6 +4,7 @@ Library code: problems are plain exceptions (FileNotFoundError, IsADirectoryErro
 name the file; the entry points add what the user should do.
 """
 import argparse
+import copy
 import json
 import os
 import pickle
@@ -190,14 +191,34 @@ def to_safetensors(checkpoint, path):
     return dropped
 
 
+def on_cpu(obj):
+    """`obj` with every tensor inside (dicts, lists, tuples, nested) moved to the CPU: a file saved from CUDA
+    tensors would otherwise need a GPU (or map_location) to be read back."""
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device.type == "cpu" else obj.detach().cpu()
+    if isinstance(obj, dict):
+        moved = copy.copy(obj)  # keeps the type and attributes (a state_dict's _metadata)
+        for key, value in obj.items():
+            moved[key] = on_cpu(value)
+        return moved
+    if isinstance(obj, list):
+        return [on_cpu(value) for value in obj]
+    if isinstance(obj, tuple):
+        values = [on_cpu(value) for value in obj]
+        return type(obj)(*values) if hasattr(obj, "_fields") else type(obj)(values)  # namedtuples take fields
+    return obj
+
+
 def save_atomic(obj, path):
-    """torch.save to a temporary file unique to this process, fsync, then rename over PATH.
+    """torch.save (every tensor on the CPU) to a temporary file unique to this process, fsync, then rename over
+    PATH.
 
     PATH is old or new, never torn, and two writers never share a temporary file. A full disk raises OSError
     naming PATH and the bytes the checkpoint needed.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    obj = on_cpu(obj)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)

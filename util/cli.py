@@ -3,7 +3,8 @@
 A user's mistake ends in one line `error: <problem> (<what to do>)` on stderr and exit code 2, without a
 traceback. Under a launcher (torchrun) the line is printed once: by rank 0, or by the rank whose own share of the
 work failed (prefixed with its rank), and it is also written to torchrun's error file, so torchrun's own failure
-summary names it as the root cause. Ctrl-C ends in one line and exit code 130.
+summary names it as the root cause. A process whose collective fails because another process went away prints
+nothing (that process said why) and exits 2. Ctrl-C ends in one line and exit code 130.
 """
 import json
 import os
@@ -15,7 +16,7 @@ import torch
 
 from util.checkpoint import NonFiniteWeights, UnsafeCheckpoint
 from util.data import find_bad_image
-from util.dist import RendezvousError, launch_env
+from util.dist import RendezvousError, launch_env, peer_failed
 from util.errors import UserError, user_errors
 from util.run_state import OutputDirBusy, lock_output_dir
 
@@ -90,16 +91,21 @@ def add_runtime_arguments(parser, *, amp_default):
 
 def _report(line, rank_local):
     rank, world, _ = launch_env()
-    if world > 1 and rank != 0 and not rank_local:
-        return  # every rank hit the same error: rank 0 says it
     if world > 1 and rank_local:
         line = line.replace("error: ", f"error: rank {rank}: ", 1)
-    print(line, file=sys.stderr, flush=True)
+    if world <= 1 or rank == 0 or rank_local:  # else every rank hit the same error: rank 0 says it
+        print(line, file=sys.stderr, flush=True)
+    _error_file(line)
+
+
+def _error_file(line, *, later=0):
+    """torchrun prints the message of the earliest error file as its failure summary's root cause; `later`
+    dates it that many seconds on (a process stopped by another's failure is never the root cause)."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if error_file:  # torchrun prints this as the root cause of its failure summary
+    if error_file:
         try:
             with open(error_file, "w") as f:
-                json.dump({"message": line, "timestamp": int(time.time())}, f)
+                json.dump({"message": line, "timestamp": int(time.time()) + later}, f)
         except OSError:
             pass
 
@@ -119,3 +125,8 @@ def run(main, parser):
     except KeyboardInterrupt as err:  # main may re-raise it with a note on what was saved
         _report(f"interrupted{': ' + str(err) if str(err) else ''}", False)
         sys.exit(INTERRUPTED_EXIT)
+    except Exception as err:
+        if not peer_failed(err):
+            raise
+        _error_file(f"rank {launch_env()[0]} stopped: another process failed", later=1)
+        sys.exit(2)

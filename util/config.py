@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from heads import HEADS, HeadOptions, resolve_head
+from util.dist import launch_env
 from util.errors import UserError
 from util.lr_sched import WarmupCosine, scaled_lr
 from util.subsets import FRACTION, LIST, PER_CLASS, TrainSubset
@@ -50,15 +51,24 @@ def at_least(value, flag, minimum):
 
 
 def resolve_device(text):
-    """A device string torch understands and this machine has."""
+    """A device string torch understands and this machine has. Under a launcher every process takes
+    cuda:LOCAL_RANK (util.dist.process_device), so an explicit index is refused there."""
     try:
         device = torch.device(text)
     except RuntimeError:
         raise UserError(f"--device {text!r} is not a device (use cpu, cuda or cuda:N)") from None
+    _, world, local_rank = launch_env()
+    if device.type == "cuda" and world > 1:
+        require(device.index is None, f"--device {text} names one GPU for all {world} processes (pass --device "
+                                      "cuda: each process then takes cuda:LOCAL_RANK; CUDA_VISIBLE_DEVICES picks the "
+                                      "GPUs)")
     if device.type == "cuda":
         require(torch.cuda.is_available(), f"--device {text} but no CUDA device is available (use --device cpu)")
+        count = torch.cuda.device_count()
+        local_world = max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), local_rank + 1) if world > 1 else 1
+        require(local_world <= count, f"{local_world} processes on this machine need one GPU each but it has {count} "
+                                      f"(start at most {count} per machine, e.g. torchrun --nproc_per_node {count})")
         if device.index is not None:
-            count = torch.cuda.device_count()
             require(device.index < count, f"--device {text} but this machine has {count} CUDA device(s) "
                                           f"(use cuda:0..cuda:{count - 1})")
     elif device.type != "cpu":
@@ -160,7 +170,6 @@ class LinprobeConfig:
     resume: str = ""
     start_epoch: int = 0
     eval_only: bool = False
-    dist_eval: bool = False
     cache_eval_gib: float = 0.0
     compile: bool = False
     knn: Optional[KnnSpec] = None
@@ -307,7 +316,7 @@ def resolve_linprobe(args, world_size=1):
         accum_iter=args.accum_iter, world_size=world_size, optimizer=args.optimizer, weight_decay=args.weight_decay,
         schedule=WarmupCosine(args.epochs, args.warmup_epochs, args.min_lr), seed=args.seed, device=device,
         amp=check_amp(args.amp, device), output_dir=os.path.expanduser(output_dir), resume=args.resume,
-        start_epoch=args.start_epoch, eval_only=args.eval, dist_eval=args.dist_eval,
+        start_epoch=args.start_epoch, eval_only=args.eval,
         cache_eval_gib=args.cache_eval_features, compile=args.compile, knn=knn, train_subset=train_subset,
         num_workers=args.num_workers, pin_mem=args.pin_mem and device.startswith("cuda"),
         affinity_hack=args.dataloader_affinity_hack, wandb=args.wandb, run_name=args.run_name)

@@ -6,7 +6,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-# Collectives may wait this long: the main process runs k-NN over all of ImageNet while the others wait.
+# Collectives may wait this long: the main process may hash a multi-GB encoder file while the others wait.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 # Without torchrun, RANK/WORLD_SIZE may be stale leftovers of another job: the other processes get this long.
 RENDEZVOUS_TIMEOUT_S = float(os.environ.get("BEYOND_CLS_RENDEZVOUS_TIMEOUT", 120))
@@ -24,9 +24,10 @@ def launch_env():
 
 
 def process_device(device):
-    """The device this process uses: cuda becomes cuda:LOCAL_RANK under a launcher."""
+    """The device this process uses: any CUDA device becomes cuda:LOCAL_RANK under a launcher (every process on
+    one GPU would make NCCL fail with "Duplicate GPU detected"; util/config refuses an explicit index there)."""
     _, world, local_rank = launch_env()
-    if world > 1 and device == "cuda":
+    if world > 1 and str(device).startswith("cuda"):
         return f"cuda:{local_rank}"
     return device
 
@@ -90,6 +91,50 @@ def all_reduce_sum(tensor):
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+# What gloo and NCCL say when a peer process went away (exited, crashed, was killed) during a collective: both
+# fragments of a pair, so that a network error of some download is never taken for one.
+PEER_GONE = (("gloo", "Connection closed by peer"), ("gloo", "Connection reset by peer"),
+             ("ncclRemoteError", "remote process exiting"), ("NCCL communicator was aborted", ""))
+
+
+def peer_failed(err):
+    """True if `err` is this process's collective failing because another process went away: that process
+    reported (or showed) the cause itself, so this one has nothing to add."""
+    if launch_env()[1] <= 1:
+        return False
+    seen = set()
+    while err is not None and id(err) not in seen:  # DDP's reducer and DataLoader re-raise with the cause inside
+        seen.add(id(err))
+        if any(a in str(err) and b in str(err) for a, b in PEER_GONE):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def gather_shards(tensor):
+    """Every process's rows of a ShardSampler split (rank r holds rows r, r + W, ...), back in dataset order, on
+    every process; the input when not distributed. NCCL gathers through this process's GPU."""
+    if not is_distributed():
+        return tensor
+    world = world_size()
+    via = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    counts = torch.tensor([len(tensor)], device=via)
+    all_counts = [torch.zeros_like(counts) for _ in range(world)]
+    dist.all_gather(all_counts, counts)
+    all_counts = [int(c) for c in all_counts]
+    total = sum(all_counts)
+    if all_counts != [len(range(r, total, world)) for r in range(world)]:
+        raise ValueError(f"shards of {all_counts} rows are not a ShardSampler split of {total} rows")
+    padded = tensor.new_zeros((max(all_counts), *tensor.shape[1:]), device=via)  # all_gather needs equal sizes
+    padded[:len(tensor)] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    out = tensor.new_empty((total, *tensor.shape[1:]))
+    for r, (part, count) in enumerate(zip(parts, all_counts)):
+        out[r::world] = part[:count].to(out.device)
+    return out
 
 
 def on_main(fn, *args, share_result=True):

@@ -3,10 +3,13 @@
 Features are L2-normalised, so a dot product is the cosine similarity. Each test image takes its k most similar
 training images; neighbour i votes for its class with weight exp(sim_i / T); the class with the most weight wins.
 
-Distributed runs: nothing is gathered over processes. Call `extract_features` with loaders over the *whole*
-train and val sets (no DistributedSampler) and run the k-NN on the main process only.
+Distributed runs: `knn_rows` takes loaders over each process's shard (util.data.ShardSampler) of both sets: the
+training features are gathered onto every process in dataset order, each process scores its own test images,
+and the hits are summed, so the result is that of one process.
 """
 import torch
+
+from util import dist
 
 FEATURE_KINDS = ("cls", "mean")
 
@@ -38,7 +41,6 @@ def extract_features(tokens_fn, loader, kinds=FEATURE_KINDS):
     return {kind: torch.cat(chunks) for kind, chunks in feats.items()}, torch.cat(labels).long()
 
 
-@torch.no_grad()
 def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, ks=(10, 20, 100, 200),
                  temperatures=(0.07,), chunk=128, device=None):
     """Top-1 accuracy (percent) of weighted k-NN for every (k, T): {(k, T): top1}.
@@ -46,6 +48,14 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes
     k larger than the training set is clipped to it (the key holds the k actually used). Work runs on `device`
     (default: train_feats' device), `chunk` test images at a time, so memory stays at chunk x N_train scores.
     """
+    hits = knn_hits(train_feats, train_labels, test_feats, test_labels, num_classes, ks, temperatures, chunk, device)
+    return {key: 100.0 * n / len(test_feats) for key, n in hits.items()}
+
+
+@torch.no_grad()
+def knn_hits(train_feats, train_labels, test_feats, test_labels, num_classes, ks=(10, 20, 100, 200),
+             temperatures=(0.07,), chunk=128, device=None):
+    """How many test images weighted k-NN classifies correctly, for every (k, T): {(k, T): hits}."""
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
         raise ValueError(f"features must be [N, D] with the same D, got {tuple(train_feats.shape)} "
                          f"and {tuple(test_feats.shape)}")
@@ -71,19 +81,25 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes
                 votes = torch.zeros(len(query), num_classes, device=device, dtype=dtype)
                 votes.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
                 hits[(k, t)] += (votes.argmax(dim=1) == targets).sum().item()
-    return {key: 100.0 * n / len(test_feats) for key, n in hits.items()}
+    return hits
 
 
 def knn_rows(tokens_fn, train_loader, val_loader, num_classes, ks, temperatures, device):
-    """One encoder pass over both loaders, then k-NN on every feature kind: result rows for results.json
-    (probe knn_<kind>_k<k>_T<t>, head knn-<kind>, best_acc1; lr and epoch None), best first per kind order."""
+    """One encoder pass over both loaders (this process's shards under DDP), then k-NN on every feature kind:
+    result rows for results.json (probe knn_<kind>_k<k>_T<t>, head knn-<kind>, best_acc1; lr and epoch None),
+    the same on every process."""
     train_feats, train_labels = extract_features(tokens_fn, train_loader)
     val_feats, val_labels = extract_features(tokens_fn, val_loader)
+    train_labels = dist.gather_shards(train_labels)
+    val_count = int(dist.all_reduce_sum(torch.tensor([float(len(val_labels))], device=device)).item())
     rows = []
     for kind in train_feats:
-        scores = knn_accuracy(train_feats[kind], train_labels, val_feats[kind], val_labels, num_classes,
-                              ks=ks, temperatures=temperatures, device=device)
-        for (k, t), top1 in scores.items():
+        hits = knn_hits(dist.gather_shards(train_feats[kind]), train_labels, val_feats[kind], val_labels,
+                        num_classes, ks=ks, temperatures=temperatures, device=device)
+        summed = dist.all_reduce_sum(torch.tensor([float(n) for n in hits.values()], dtype=torch.float64,
+                                                  device=device)).tolist()
+        for (k, t), n in zip(hits, summed):
+            top1 = 100.0 * n / val_count
             rows.append({"probe": f"knn_{kind}_k{k}_T{t:g}", "head": f"knn-{kind}", "lr": None,
                          "best_acc1": round(top1, 3), "best_epoch": None})
     return rows
