@@ -259,9 +259,9 @@ def _run_locked(config, device):
     log = RunLog(config.output_dir, settings=config.to_dict(), wandb=config.wandb, run_name=config.run_name,
                  enabled=dist.is_main())
     if dist.is_main():
-        print(f"training {len(probe_set.names)} probe(s) on {len(dataset_train)} images, validating on "
-              f"{len(dataset_val)}, {nb_classes} classes, {_epochs_left(state.start_epoch, config.epochs)}; data: "
-              f"{data_source(config.data_path)}")
+        counts = (f"{len(probe_set.names)} probe(s) on {len(dataset_train)} images, validating on "
+                  f"{len(dataset_val)}, {nb_classes} classes")
+        print(f"{_summary(counts, state.start_epoch, config.epochs)}; data: {data_source(config.data_path)}")
     start = time.time()
     cache = engine.EvalTokenCache(config.cache_eval_gib) if config.cache_eval_gib > 0 else None
     last_saved = state.start_epoch - 1
@@ -302,12 +302,13 @@ def _run_locked(config, device):
                   f"{state.best[top]['epoch']}); heads saved in {Path(config.output_dir) / BEST}")
 
 
-def _epochs_left(start, epochs):
+def _summary(counts, start, epochs):
+    """The run's summary line: what it trains, or that nothing is left to train."""
     if epochs == 0:
-        return "no training epochs (--epochs 0: k-NN only)"
+        return f"k-NN only (--epochs 0), no probe trained ({counts})"
     if start >= epochs:
-        return f"nothing left to train: the checkpoint already holds all {epochs} epochs"
-    return f"epochs {start}..{epochs - 1}"
+        return f"nothing left to train: the checkpoint already holds all {epochs} epochs ({counts})"
+    return f"training {counts}, epochs {start}..{epochs - 1}"
 
 
 def _report_subset(selection, classes, shown=20):
@@ -386,8 +387,8 @@ def _evaluate_saved_heads(config, state, tokens_fn, probe_set, dataset_val, devi
 
 # The flag behind each setting --eval compares (util.run_state.read_heads_for_eval).
 EVAL_FLAGS = {"encoder": "--finetune", "checkpoint_key": "--checkpoint_key", "input_size": "--input_size",
-              "return_block": "--return_block", "final_norm": "--final_norm (or none)", "oracle": "--oracle",
-              "seed": "--seed (it drew the random encoder)", "model": "--model", "probes": "--cls_features",
+              "return_block": "--return_block", "final_norm": "--final_norm setting", "oracle": "--oracle",
+              "seed": "--seed", "model": "--model", "probes": "--cls_features",
               "head_options": "head flags", "classes": "--data_path (its class names)", "nb_classes": "--nb_classes"}
 
 
