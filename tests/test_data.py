@@ -555,3 +555,20 @@ def test_named_datasets_honour_the_cache_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("BEYOND_CLS_CACHE", str(tmp_path / "cache"))
     with pytest.raises(DatasetMissing, match=f"flowers102 not found under {tmp_path / 'cache' / 'flowers102'}"):
         build_dataset("flowers102", "train", S)
+
+
+def test_head_initialisation_does_not_restart_the_random_encoders_stream():
+    import engine_linprobe as engine
+    from heads import HeadOptions
+    from models_vit import build_encoder
+    from util.config import ProbeSpec
+
+    torch.manual_seed(0)  # what main_linprobe does before building a random-initialised encoder for --seed 0
+    encoder = build_encoder("vit_tiny_patch16", input_size=32, verbose=False)
+    probes = engine.build_probe_set([ProbeSpec("cls", "cls", 0.1, "blr0.1")], encoder, 10, HeadOptions(), seed=0)
+    weight = probes.probes["cls"].state_dict()["classifier.weight"]
+    bound = 1 / weight.shape[1] ** 0.5  # nn.Linear's U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    torch.manual_seed(0)
+    stream_start = torch.empty_like(weight).uniform_(-1, 1)  # the draws the encoder's first weights were made of
+    assert weight.abs().max() <= bound
+    assert not torch.allclose(weight / bound, stream_start, atol=1e-5)

@@ -574,7 +574,7 @@ class ShardSampler(Sampler):
 # The purposes of a run's random streams. Every stream is drawn from (seed, epoch, purpose[, rank, worker]) through
 # numpy's SeedSequence, so no two seeds, epochs or purposes share one (torch's DistributedSampler seeds its shuffle
 # with seed + epoch: --seed 1 would replay --seed 0's next epoch).
-SHUFFLE, AUGMENT = 1, 2
+SHUFFLE, AUGMENT, HEAD_INIT = 1, 2, 3
 
 
 def derive_seed(seed, epoch, purpose, *more):
