@@ -30,6 +30,7 @@ from heads import (
 from models_vit import capture_attention
 from util import dist
 from util.amp import autocast
+from util.data import HEAD_INIT, derive_seed
 from util.lars import LARS
 
 
@@ -113,7 +114,8 @@ def build_probe_set(probes, encoder, nb_classes, options: HeadOptions, seed):
     """One Probe per ProbeSpec; each initialised from the same seed, exactly as if it were trained alone."""
     built = {}
     for spec in probes:
-        torch.manual_seed(seed)
+        # a stream of its own: a random-initialised encoder of this seed draws from torch.manual_seed(seed)
+        torch.manual_seed(derive_seed(seed, 0, HEAD_INIT))
         built[spec.name] = build_probe(spec.head, encoder.embed_dim, nb_classes, tuple(encoder.grid_size),
                                        encoder.num_prefix_tokens, options, has_cls=encoder.has_class_token)
     return ProbeSet(built)

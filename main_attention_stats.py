@@ -5,7 +5,9 @@ attention distance, NMI and Fourier analysis), streamed over a folder of images,
     python main_attention_stats.py --compare OUT_MAE OUT_DINO --output_dir OUT_COMPARE   # overlay runs
 
 Writes attention_stats.csv / .json, plot_<metric>.png, cls_attention_overlays.png and, with
---draw_2d_embeddings, tsne_images.png and tsne_tokens.png. Metric definitions: util/attention_metrics.py.
+--draw_2d_embeddings, tsne_images.png and tsne_tokens.png, and lists them with their checksums in
+attention_stats_outputs.json: a later run in the folder removes those (unless changed since), never anything else.
+Metric definitions: util/attention_metrics.py.
 """
 import argparse
 import csv
@@ -23,6 +25,7 @@ from models_vit import build_encoder, capture_attention
 from util import plots
 from util.amp import autocast
 from util.attention_metrics import AttentionStatsAccumulator, metric_names
+from util.checkpoint import write_json_atomic
 from util.cli import (
     ENCODER_REMEDIES,
     add_encoder_arguments,
@@ -32,10 +35,13 @@ from util.cli import (
 )
 from util.cli import run as run_cli
 from util.config import resolve_stats
-from util.data import BadImageError, build_image_set, build_loader
+from util.data import BadImageError, build_image_set, build_loader, data_source
 from util.errors import UserError, user_errors
+from util.run_state import file_sha256
 
 CSV_NAME, JSON_NAME = "attention_stats.csv", "attention_stats.json"
+MANIFEST_NAME = "attention_stats_outputs.json"  # {mode: {file name: sha256}}: what each mode last wrote here
+MEASURE, COMPARE = "measure", "compare"
 OVERLAY_NAME, TSNE_IMAGES_NAME, TSNE_TOKENS_NAME = "cls_attention_overlays.png", "tsne_images.png", "tsne_tokens.png"
 NUM_OVERLAYS = 6
 MAX_TSNE_IMAGES, TOKENS_PER_IMAGE, MAX_TSNE_TOKENS = 3000, 8, 3000  # bounds memory of --draw_2d_embeddings
@@ -149,12 +155,34 @@ def draw_tsne(output_dir, embeddings, class_names, seed, has_cls):
     return written
 
 
-def remove_stale_outputs(output_dir, patterns):
-    """Our own files of an earlier run in this folder (never anything else): a reused folder then holds only this
-    run's results, not old plots beside new tables."""
-    for pattern in patterns:
-        for path in Path(output_dir).glob(pattern):
-            path.unlink()
+def read_manifest(output_dir):
+    """{mode: {file name: sha256}} of the files earlier runs of this script wrote to output_dir ({} if none did)."""
+    try:
+        manifest = json.loads((Path(output_dir) / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def remove_stale_outputs(output_dir, mode):
+    """The files the manifest says an earlier run in `mode` wrote here, so a reused folder holds only this run's
+    results, not old plots beside new tables. Only those, and only while unchanged since (a file a user edited or
+    replaced stays, with a note); never by a name pattern, which would take a user's plot_my_figure.png."""
+    for name, digest in (read_manifest(output_dir).get(mode) or {}).items():
+        path = Path(output_dir) / str(name)
+        if Path(str(name)).name != name or not path.is_file():  # a plain file of this folder, nothing else
+            continue
+        if file_sha256(path) != digest:
+            print(f"note: kept {path}: it changed since an earlier run wrote it", file=sys.stderr)
+            continue
+        path.unlink()
+
+
+def record_outputs(output_dir, mode, paths):
+    """The manifest entry of `mode`: the files this run wrote, with their checksums (other modes' stay)."""
+    manifest = read_manifest(output_dir)
+    manifest[mode] = {Path(p).name: file_sha256(p) for p in paths if Path(p).is_file()}
+    write_json_atomic(Path(output_dir) / MANIFEST_NAME, manifest)
 
 
 def read_runs(run_dirs):
@@ -172,11 +200,12 @@ def read_runs(run_dirs):
 
 def compare_runs(runs, output_dir):
     """One compare_<metric>.png per metric found in any run's CSV; a line per run."""
-    remove_stale_outputs(output_dir, ["compare_*.png"])
+    remove_stale_outputs(output_dir, COMPARE)
     metrics = list(dict.fromkeys(m for names, _ in runs.values() for m in names))
     for metric in metrics:
         lines = {label: values[metric] for label, (_, values) in runs.items() if metric in values}
         plots.plot_metric_vs_depth(lines, metric, output_dir / f"compare_{metric}.png")
+    record_outputs(output_dir, COMPARE, [output_dir / f"compare_{metric}.png" for metric in metrics])
     print(f"wrote {len(metrics)} comparison plots of {len(runs)} runs to {output_dir}")
 
 
@@ -200,7 +229,6 @@ def log_to_dashboards(config, results, metrics, pngs):
 IMAGE_REMEDIES = {FileNotFoundError: "pass --data_path a folder of images, an ImageFolder, or samples",
                   BadImageError: "remove or replace the file, or pass --skip_bad_images",
                   ValueError: "pass --data_path a folder of images, an ImageFolder, or samples"}
-OUTPUTS = [CSV_NAME, JSON_NAME, "plot_*.png", OVERLAY_NAME, TSNE_IMAGES_NAME, TSNE_TOKENS_NAME]
 
 
 def main(args):
@@ -238,7 +266,7 @@ def attention_stats(config, output_dir):
     if bad:
         print(f"warning: skipped {bad} unreadable image(s)", file=sys.stderr)
 
-    remove_stale_outputs(output_dir, OUTPUTS)  # only now: a failed run leaves the earlier results in place
+    remove_stale_outputs(output_dir, MEASURE)  # only now: a failed run leaves the earlier results in place
     has_cls = bool(encoder.has_class_token)
     metrics = metric_names(has_cls)
     enc = config.encoder
@@ -260,8 +288,10 @@ def attention_stats(config, output_dir):
                                       "[cls] attention of the last block, mean over heads")
     if embeddings is not None:
         pngs += draw_tsne(output_dir, embeddings, dataset.classes, config.seed, has_cls)
+    record_outputs(output_dir, MEASURE, [output_dir / CSV_NAME, output_dir / JSON_NAME, *pngs])
     log_to_dashboards(config, results, metrics, pngs)
-    print(f"{stats.images} images in {seconds:.1f}s ({stats.images / max(seconds, 1e-9):.1f} img/s); "
+    print(f"{stats.images} images of {data_source(config.data_path)} in {seconds:.1f}s "
+          f"({stats.images / max(seconds, 1e-9):.1f} img/s); "
           f"wrote {CSV_NAME}, {JSON_NAME} and {len(pngs)} plots to {output_dir}")
 
 

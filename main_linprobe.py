@@ -39,6 +39,7 @@ from util.data import (
     DatasetNotDownloadable,
     build_dataset,
     build_loader,
+    data_source,
 )
 from util.errors import UserError, user_errors
 from util.knn import knn_rows
@@ -51,6 +52,7 @@ from util.run_state import (
     experiment_identity,
     fingerprint,
     read_heads_for_eval,
+    set_aside_old_log,
     write_results,
     write_run_info,
 )
@@ -225,7 +227,7 @@ def _run_locked(config, device):
     optimizer = engine.build_optimizer(probe_set, config.probes, config.optimizer, config.weight_decay)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=config.amp == "float16")
 
-    # --eval compares only the heads' structure and classes: no need to hash a multi-GB encoder file for it
+    # --eval compares the encoder files by size first and hashes them only when the sizes agree (read_heads_for_eval)
     source = (lambda finetune: finetune) if config.eval_only else (lambda finetune: dist.on_main(fingerprint, finetune))
     identity = experiment_identity(
         config, encoder_source=source(config.encoder.finetune),
@@ -237,8 +239,6 @@ def _run_locked(config, device):
         return _evaluate_saved_heads(config, state, tokens_fn, probe_set, dataset_val, device, distributed)
     _resume(config, state, probe_set, optimizer, scaler)
     cache = _eval_cache(config, probe_set, encoder, oracle, dataset_val, device) if config.cache_eval_gib > 0 else None
-    # only now: a refused resume or cache leaves the folder as it was
-    dist.on_main(_write_run_info, config, identity, classes, selection)
 
     if config.affinity_hack and hasattr(os, "sched_setaffinity"):
         # Launchers may pin each rank to one core; forked data workers inherit this wider mask instead.
@@ -246,14 +246,22 @@ def _run_locked(config, device):
     loader_args = dict(num_workers=config.num_workers, pin_mem=config.pin_mem, seed=config.seed)
     loader_train = build_loader(dataset_train, config.batch_size, train=True, distributed=distributed, **loader_args)
     loader_val = build_loader(dataset_val, config.batch_size, train=False, distributed=distributed, **loader_args)
+    if state.start_epoch < config.epochs and len(loader_train) < config.accum_iter:
+        raise UserError(f"an epoch has {len(loader_train)} iteration(s) ({len(dataset_train)} images, batch "
+                        f"{config.batch_size} per process x {dist.world_size()} process(es)), fewer than --accum_iter "
+                        f"{config.accum_iter}: the optimizer would never step (pass --accum_iter "
+                        f"{max(len(loader_train), 1)} or less, or a smaller --batch_size)")
+    # only now: a refused resume, cache or schedule leaves the folder as it was
+    dist.on_main(_write_run_info, config, identity, classes, selection, state.resumed_from is None)
     model = _wrap_for_ddp(probe_set, device) if distributed else probe_set
 
     knn = _knn(config, encoder, nb_classes, device, dataset_train, dataset_val) if config.knn is not None else []
     log = RunLog(config.output_dir, settings=config.to_dict(), wandb=config.wandb, run_name=config.run_name,
                  enabled=dist.is_main())
     if dist.is_main():
-        print(f"training {len(probe_set.names)} probe(s) on {len(dataset_train)} images, validating on "
-              f"{len(dataset_val)}, {nb_classes} classes, epochs {state.start_epoch}..{config.epochs - 1}")
+        counts = (f"{len(probe_set.names)} probe(s) on {len(dataset_train)} images, validating on "
+                  f"{len(dataset_val)}, {nb_classes} classes")
+        print(f"{_summary(counts, state.start_epoch, config.epochs)}; data: {data_source(config.data_path)}")
     start = time.time()
     last_saved = state.start_epoch - 1
     try:
@@ -299,8 +307,14 @@ def _end_epoch(config, log, state, trained, epoch, improved, stats):
           f"acc1 {test_stats[top]['test_acc1']:.2f} (train loss {train_stats[top]['train_loss']:.4f})", flush=True)
 
 
-def _write_run_info(config, identity, classes, selection):
+def _write_run_info(config, identity, classes, selection, fresh):
+    """run.json; a fresh start (no checkpoint resumed) first sets aside the log of an earlier run in the folder."""
     with user_errors(SAVE_REMEDIES):
+        if fresh:
+            kept = set_aside_old_log(config.output_dir)
+            if kept:
+                print(f"note: {Path(config.output_dir) / 'log.txt'} held another run (no checkpoint of it is "
+                      f"left): kept as {kept.name}, this run starts a new log", file=sys.stderr, flush=True)
         write_run_info(config.output_dir, config=config.to_dict(), identity=identity, classes=classes,
                        selection=selection)
 
@@ -346,6 +360,15 @@ def _available_gib():
     return kib / 2 ** 20
 
 
+def _summary(counts, start, epochs):
+    """The run's summary line: what it trains, or that nothing is left to train."""
+    if epochs == 0:
+        return f"k-NN only (--epochs 0), no probe trained ({counts})"
+    if start >= epochs:
+        return f"nothing left to train: the checkpoint already holds all {epochs} epochs ({counts})"
+    return f"training {counts}, epochs {start}..{epochs - 1}"
+
+
 def _report_subset(selection, classes, shown=20):
     """The subset's size and images per class on stdout; classes short of K images in one warning line."""
     counts = [(classes[label], n) for label, n in selection.per_class.items()]
@@ -360,6 +383,12 @@ def _report_subset(selection, classes, shown=20):
         more = f" and {len(names) - 10} more" if len(names) > 10 else ""
         print(f"warning: {len(names)} class(es) have fewer than {selection.subset.value} training images, all of "
               f"theirs are used: {', '.join(names[:10])}{more}", file=sys.stderr, flush=True)
+    if selection.empty_classes:
+        names = [classes[label] for label in selection.empty_classes]
+        more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+        print(f"warning: the training subset covers {len(classes) - len(names)} of the {len(classes)} classes; no "
+              f"training image of {', '.join(names[:10])}{more} (the heads cannot learn to predict them)",
+              file=sys.stderr, flush=True)
 
 
 def _train_epoch(config, tokens_fn, model, loader, optimizer, scaler, epoch, device):
@@ -395,10 +424,15 @@ def _evaluate_saved_heads(config, state, tokens_fn, probe_set, dataset_val, devi
     if not path:
         raise UserError(f"--eval needs trained heads: no --resume given and no {LAST} in {config.output_dir} "
                         f"(pass --resume OUTPUT_DIR/{BEST})")
-    with user_errors({IdentityMismatch: "evaluate on the data and flags those heads were trained with",
-                      OSError: "pass --resume the path of a checkpoint", ValueError: "pass --resume a checkpoint "
+    with user_errors({OSError: "pass --resume the path of a checkpoint", ValueError: "pass --resume a checkpoint "
                       "written by main_linprobe.py"}):
-        probe_set.load_state_dict(read_heads_for_eval(path, state.identity)["probes"])
+        try:
+            heads = read_heads_for_eval(path, state.identity)
+        except IdentityMismatch as err:
+            flag = EVAL_FLAGS.get(err.setting, "flags")
+            raise UserError(f"{err} (evaluate with the {flag} those heads were trained with, or --resume heads "
+                            "trained on this one)") from None
+        probe_set.load_state_dict(heads["probes"])
     loader = build_loader(dataset_val, config.batch_size, train=False, num_workers=config.num_workers,
                           pin_mem=config.pin_mem, distributed=distributed)
     with bad_images_reported(DATA_REMEDIES[BadImageError], rank_local=True):
@@ -407,6 +441,13 @@ def _evaluate_saved_heads(config, state, tokens_fn, probe_set, dataset_val, devi
         for name in probe_set.names:
             print(f"{name}: acc1 {stats[name]['test_acc1']:.2f}  acc5 {stats[name]['test_acc5']:.2f}  "
                   f"loss {stats[name]['test_loss']:.4f}")
+
+
+# The flag behind each setting --eval compares (util.run_state.read_heads_for_eval).
+EVAL_FLAGS = {"encoder": "--finetune", "checkpoint_key": "--checkpoint_key", "input_size": "--input_size",
+              "return_block": "--return_block", "final_norm": "--final_norm setting", "oracle": "--oracle",
+              "seed": "--seed", "model": "--model", "probes": "--cls_features",
+              "head_options": "head flags", "classes": "--data_path (its class names)", "nb_classes": "--nb_classes"}
 
 
 def _wrap_for_ddp(probe_set, device):

@@ -10,12 +10,14 @@ from helpers import run_cli
 from util.errors import UserError
 
 
-def write_run(folder, *, finetune, encoder, data_path, subset, epochs, results, logged=None):
-    """A main_linprobe.py output folder: run.json, log.txt with `logged` epochs (default all), results.json."""
+def write_run(folder, *, finetune, encoder, data_path, subset, epochs, results, logged=None, **identity):
+    """A main_linprobe.py output folder: run.json, log.txt with `logged` epochs (default all), results.json.
+    `identity`: more of what main_linprobe records (checkpoint_key, input_size, return_block, final_norm)."""
     folder.mkdir(parents=True)
-    config = {"encoder": {"model": "vit_base_patch16", "finetune": finetune}, "data_path": data_path,
+    config = {"encoder": {"model": "vit_base_patch16", "finetune": finetune, **identity}, "data_path": data_path,
               "train_subset": subset, "schedule": {"epochs": epochs, "warmup_epochs": 0, "min_lr": 0.0}}
-    (folder / "run.json").write_text(json.dumps({"version": 1, "config": config, "identity": {"encoder": encoder}}))
+    (folder / "run.json").write_text(json.dumps({"version": 1, "config": config,
+                                                 "identity": {"encoder": encoder, **identity}}))
     logged = epochs if logged is None else logged
     (folder / "log.txt").write_text("".join(json.dumps({"epoch": e, "test_acc1": 1.0}) + "\n" for e in range(logged)))
     if results is not None:
@@ -66,15 +68,15 @@ Not in the table:
 """
 
 
-def test_csv_gives_the_best_probe_lr_and_epoch(four_runs, capsys):
+def test_csv_gives_the_best_probe_lr_and_epoch_and_every_key_column(four_runs, capsys):
     collect_results.main(Namespace(output_dirs=[str(p) for p in four_runs[:3]], format="csv"))
     full, shot, one_percent = four_runs[:3]
     assert capsys.readouterr().out == f"""\
-encoder,dataset,train subset,cls acc1,cls lr,cls epoch,abmilp acc1,abmilp lr,abmilp epoch,knn-cls acc1,knn-cls lr,\
-knn-cls epoch,runs
-mae_pretrain_vit_base,flowers102,full,72.5,4.0,0,75.25,0.4,1,,,,{full}
-mae_pretrain_vit_base,flowers102,5-shot (seed 0),40.0,0.4,1,45.5,0.4,0,,,,{shot}
-vit_base_patch16_224.mae,imagenet,1% (seed 0),50.0,0.4,3,,,,61.0,,,{one_percent}
+encoder,encoder sha256,sub-model,input size,block,final norm,dataset,train subset,cls acc1,cls lr,cls epoch,\
+abmilp acc1,abmilp lr,abmilp epoch,knn-cls acc1,knn-cls lr,knn-cls epoch,runs
+mae_pretrain_vit_base,0123456789abcdef,default,,last,off,flowers102,full,72.5,4.0,0,75.25,0.4,1,,,,{full}
+mae_pretrain_vit_base,0123456789abcdef,default,,last,off,flowers102,5-shot (seed 0),40.0,0.4,1,45.5,0.4,0,,,,{shot}
+vit_base_patch16_224.mae,,default,,last,off,imagenet,1% (seed 0),50.0,0.4,3,,,,61.0,,,{one_percent}
 """
 
 
@@ -113,8 +115,121 @@ def test_dataset_name(data_path, name):
 
 
 def test_encoder_name_strips_checkpoint_suffixes():
-    config = {"encoder": {"model": "vit_small_patch16", "finetune": "/w/vit-s-300ep.pth.tar"}}
-    assert collect_results.encoder_name(config, {"encoder": "vit-s-300ep.pth.tar (9 bytes, sha256 00ff)"}) == \
-        "vit-s-300ep"
-    assert collect_results.encoder_name({"encoder": {"model": "vit_tiny_patch16", "finetune": ""}}, {}) == \
-        "random vit_tiny_patch16"
+    recorded = {"name": "vit-s-300ep.pth.tar", "bytes": 9, "sha256": "00ff"}
+    assert collect_results.encoder_name("/w/vit-s-300ep.pth.tar", "vit_small_patch16", recorded) == \
+        ("vit-s-300ep", "00ff")
+    assert collect_results.encoder_name("", "vit_tiny_patch16", "random init") == ("random vit_tiny_patch16", "")
+
+
+# ------------------------------------------------------------------------------ experiments never merged (issue 24)
+
+DINO = dict(finetune="/ckpt/dino/checkpoint.pth", data_path="digits", subset=None, epochs=1, input_size=224,
+            return_block=None, checkpoint_key=None, final_norm=False)
+
+
+def _dino(sha256):
+    return {"name": "checkpoint.pth", "bytes": 1000, "sha256": sha256}
+
+
+def _table(folders, capsys, fmt="md"):
+    collect_results.main(Namespace(output_dirs=[str(f) for f in folders], format=fmt))
+    return capsys.readouterr()
+
+
+@pytest.mark.parametrize("setting, value, column, shown", [
+    ("final_norm", True, "final norm", ("off", "on")),
+    ("checkpoint_key", "student", "sub-model", ("default", "student")),
+    ("return_block", 5, "block", ("last", "5")),
+    ("input_size", 448, "input size", ("224", "448"))])
+def test_runs_that_differ_in_the_tokens_read_get_rows_of_their_own(tmp_path, capsys, setting, value, column,
+                                                                    shown):
+    # e.g. the teacher and the student of one DINO file, or one run with --final_norm and one without
+    a = write_run(tmp_path / "a", **DINO, encoder=_dino("aa"), results=[("cls", 1.0, 60.0, 0)])
+    b = write_run(tmp_path / "b", **{**DINO, setting: value}, encoder=_dino("aa"), results=[("abmilp", 1.0, 70.0, 0)])
+    lines = _table([a, b], capsys).out.splitlines()
+    assert lines[0] == f"| encoder | {column} | dataset | train subset | cls | abmilp | runs |"
+    assert lines[2] == f"| checkpoint | {shown[0]} | digits | full | 60.00 | - | {a} |"
+    assert lines[3] == f"| checkpoint | {shown[1]} | digits | full | - | 70.00 | {b} |"
+    assert len(lines) == 4
+
+
+def test_two_files_of_one_name_are_two_encoders(tmp_path, capsys):
+    a = write_run(tmp_path / "a", **DINO, encoder=_dino("aaaaaaaaaaaaaaaa"), results=[("cls", 1.0, 60.0, 0)])
+    b = write_run(tmp_path / "b", **DINO, encoder=_dino("bbbbbbbbbbbbbbbb"), results=[("abmilp", 1.0, 70.0, 0)])
+    lines = _table([a, b], capsys).out.splitlines()
+    assert lines[2] == f"| checkpoint (sha256 aaaaaaaa) | digits | full | 60.00 | - | {a} |"
+    assert lines[3] == f"| checkpoint (sha256 bbbbbbbb) | digits | full | - | 70.00 | {b} |"
+    c = write_run(tmp_path / "c", **DINO, encoder=_dino("aaaaaaaaaaaaaaaa"), results=[("abmilp", 1.0, 65.0, 0)])
+    lines = _table([a, c], capsys).out.splitlines()  # the same file under another folder: one experiment, one row
+    assert lines[2] == f"| checkpoint | digits | full | 60.00 | 65.00 | {a}, {c} |" and len(lines) == 3
+
+
+def test_the_older_prose_fingerprint_is_the_same_encoder_as_the_dict(tmp_path, capsys):
+    old = write_run(tmp_path / "old", **DINO, encoder="checkpoint.pth (1000 bytes, sha256 aaaaaaaaaaaaaaaa)",
+                    results=[("cls", 1.0, 60.0, 0)])
+    new = write_run(tmp_path / "new", **DINO, encoder=_dino("aaaaaaaaaaaaaaaa"), results=[("abmilp", 1.0, 70.0, 0)])
+    lines = _table([old, new], capsys).out.splitlines()
+    assert lines[2] == f"| checkpoint | digits | full | 60.00 | 70.00 | {old}, {new} |"
+
+
+def _break(folder, edit):
+    info = json.loads((folder / "run.json").read_text())
+    edit(info)
+    (folder / "run.json").write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (lambda info: info["config"].update(encoder="vit_base_patch16"), "config.encoder is str 'vit_base_patch16'"),
+    (lambda info: info.update(identity=["x"]), "identity is list"),
+    (lambda info: info["config"]["schedule"].update(epochs="2"), "schedule.epochs is str '2'"),
+    (lambda info: info["config"].update(data_path=None), "config.data_path is NoneType"),
+    (lambda info: info["config"].update(train_subset="5-shot"), "train_subset is str"),
+    (lambda info: info["identity"].update(final_norm="yes"), "final_norm is str 'yes'"),
+    (lambda info: info.update(config=3), "config is int 3")])
+def test_a_malformed_run_json_is_listed_and_the_table_kept(tmp_path, capsys, edit, reason):
+    good = write_run(tmp_path / "good", **TIMM, data_path="digits", subset=None, epochs=1,
+                     results=[("cls", 1.0, 50.0, 0)])
+    bad = write_run(tmp_path / "bad", **TIMM, data_path="digits", subset=None, epochs=1,
+                    results=[("cls", 1.0, 55.0, 0)])
+    _break(bad, edit)
+    out = _table([bad, good], capsys).out
+    assert f"| vit_base_patch16_224.mae | digits | full | 50.00 | {good} |" in out
+    skipped = [line for line in out.splitlines() if line.startswith(f"- {bad}: ")]
+    assert len(skipped) == 1 and reason in skipped[0], out
+
+
+def test_malformed_results_rows_are_listed(tmp_path, capsys):
+    bad = write_run(tmp_path / "bad", **TIMM, data_path="digits", subset=None, epochs=1, results=[])
+    (bad / "results.json").write_text(json.dumps([["cls", 50.0]]))
+    good = write_run(tmp_path / "good", **TIMM, data_path="digits", subset=None, epochs=1,
+                     results=[("cls", 1.0, 50.0, 0)])
+    out = _table([bad, good], capsys).out
+    assert f"- {bad}: results.json row 0 cannot be read" in out
+
+
+def test_a_result_that_is_not_a_number_is_left_out_with_a_note(tmp_path, capsys):
+    run = write_run(tmp_path / "nan", **TIMM, data_path="digits", subset=None, epochs=1,
+                    results=[("cls_blr1", 1.0, float("nan"), 0), ("cls_blr2", 2.0, 40.0, 0)])
+    out = _table([run], capsys).out
+    assert f"| vit_base_patch16_224.mae | digits | full | 40.00 | {run} |" in out  # not NaN, which compares false
+    assert f"- {run}: results.json: probe cls_blr1 has best acc1 nan, left out" in out
+    only_nan = write_run(tmp_path / "only-nan", **TIMM, data_path="digits", subset=None, epochs=1,
+                         results=[("cls", 1.0, float("nan"), 0)])
+    out = _table([run, only_nan], capsys).out
+    assert f"- {only_nan}: results.json holds no accuracy that is a number" in out
+
+
+def test_duplicates_are_noted(tmp_path, capsys):
+    run = write_run(tmp_path / "run", **TIMM, data_path="digits", subset=None, epochs=1,
+                    results=[("cls", 1.0, 50.0, 0), ("cls", 1.0, 50.0, 0)])
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("run.json", "log.txt", "results.json"):
+        (copy / name).write_bytes((run / name).read_bytes())
+    captured = _table([run, f"{run}/", copy], capsys, fmt="csv")
+    assert len(captured.out.splitlines()) == 3  # the header, the run, its copy: the folder given twice counts once
+    assert captured.err.splitlines() == [
+        f"note: {run}: results.json: probe cls is listed more than once",
+        f"note: {run}/: the same folder as {run}, collected once",
+        f"note: {copy}: results.json: probe cls is listed more than once",
+        f"note: rows 1 and 2 hold the same experiment and the same numbers (one run copied?): {run} and {copy}"]

@@ -448,3 +448,127 @@ def test_distributed_eval_shards_cover_each_image_once():
     dataset = list(range(27))
     shards = [list(ShardSampler(dataset, 2, rank)) for rank in range(2)]
     assert sorted(shards[0] + shards[1]) == dataset and len(shards[0]) == 14 and len(shards[1]) == 13
+
+
+# ------------------------------------------------------------------------------------------------ issue 24
+
+class _Indices(torch.utils.data.Dataset):
+    """Item i is i: a loader's batches show the epoch's order."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        return index
+
+
+def _order(seed, epoch, *, n=40, world=1, rank=0):
+    from util.data import EpochShuffle
+    sampler = EpochShuffle(_Indices(n), num_replicas=world, rank=rank, seed=seed)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_seeds_share_no_epoch_order():
+    # torch's DistributedSampler seeds with seed + epoch: --seed 1 epoch 0 was --seed 0 epoch 1
+    orders = {(seed, epoch): tuple(_order(seed, epoch)) for seed in range(3) for epoch in range(4)}
+    assert len(set(orders.values())) == len(orders), "two (seed, epoch) pairs share an order"
+    for order in orders.values():
+        assert sorted(order) == list(range(40))
+
+
+@pytest.mark.parametrize("n, world", [(40, 2), (27, 2), (10, 3), (5, 8)])
+def test_ddp_shards_partition_each_epoch(n, world):
+    for epoch in range(3):
+        shards = [_order(0, epoch, n=n, world=world, rank=rank) for rank in range(world)]
+        assert len({len(shard) for shard in shards}) == 1  # equal steps on every rank
+        padding = len(shards[0]) * world - n
+        together = [i for shard in shards for i in shard]
+        assert sorted(set(together)) == list(range(n))  # every image, each once but for the padding
+        assert len(together) == n + padding and padding < world
+        # one process with world x the batch sees the ranks' batches interleaved: the same order
+        single = _order(0, epoch, n=n)
+        assert [i for step in zip(*shards) for i in step][:n] == single
+
+
+def test_loader_order_replays_on_resume_and_differs_between_seeds():
+    dataset = _Indices(64)
+
+    def epoch(seed, e, loader=None):
+        loader = loader or build_loader(dataset, 8, train=True, seed=seed)
+        loader.set_epoch(e)
+        return torch.cat(list(loader)).tolist()
+
+    run = build_loader(dataset, 8, train=True, seed=0)
+    orders = [epoch(0, e, run) for e in range(4)]
+    assert epoch(0, 2) == orders[2]  # a fresh loader at epoch 2, as after a resume
+    assert all(epoch(1, e) not in orders for e in range(4))
+
+
+class _RandomDraw(torch.utils.data.Dataset):
+    """Item i is one draw of torch's global RNG: what a random crop sees in the process that reads item i."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return torch.rand(1).item()
+
+
+def _draws(seed, epoch, num_workers):
+    loader = build_loader(_RandomDraw(), 4, train=True, seed=seed, num_workers=num_workers)
+    loader.set_epoch(epoch)
+    return torch.cat(list(loader)).tolist()
+
+
+def test_augmentation_streams_replay_and_are_independent_across_seeds_and_epochs():
+    draws = {(seed, epoch): _draws(seed, epoch, 0) for seed in range(2) for epoch in range(3)}
+    assert _draws(0, 1, 0) == draws[0, 1]  # a resumed epoch draws the same crops
+    assert len({tuple(d) for d in draws.values()}) == len(draws)
+    assert _draws(1, 0, 1) == draws[1, 0]  # one worker draws from the stream the main process does
+    two = _draws(1, 0, 2)
+    assert _draws(1, 0, 2) == two and len(set(two)) == 8  # two workers: reproducible, and not one stream twice
+    assert set(two).isdisjoint(_draws(0, 1, 2))
+
+
+def test_a_folder_named_like_a_built_in_dataset_is_read(tmp_path, monkeypatch):
+    from util.data import data_source
+    monkeypatch.chdir(tmp_path)
+    assert data_source("digits") == "the built-in digits (scikit-learn)"
+    _image_folder(tmp_path / "digits", classes=("left", "right"), per_class=2)
+    train = build_dataset("digits", "train", S)
+    assert train.classes == ["left", "right"] and len(train) == 4  # not scikit-learn's 1,437 digits
+    assert data_source("digits") == f"the folder {tmp_path / 'digits'} (not the built-in digits)"
+    for i in range(2):
+        _save(tmp_path / "samples" / f"{i}.png", seed=i)
+    assert build_image_set("samples", S).classes == ["unlabelled"]  # not scikit-image's photographs
+    (tmp_path / "cifar10" / "cifar-10-batches-py").mkdir(parents=True)  # torchvision's root, not an ImageFolder
+    with pytest.raises(FileNotFoundError, match=f"has no train/ folder; the folder {tmp_path / 'cifar10'} here is "
+                                                "read, not the built-in cifar10"):
+        build_dataset("cifar10", "train", S)
+
+
+def test_named_datasets_honour_the_cache_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("BEYOND_CLS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DatasetMissing, match=f"flowers102 not found under {tmp_path / 'cache' / 'flowers102'}"):
+        build_dataset("flowers102", "train", S)
+
+
+def test_head_initialisation_does_not_restart_the_random_encoders_stream():
+    import engine_linprobe as engine
+    from heads import HeadOptions
+    from models_vit import build_encoder
+    from util.config import ProbeSpec
+
+    torch.manual_seed(0)  # what main_linprobe does before building a random-initialised encoder for --seed 0
+    encoder = build_encoder("vit_tiny_patch16", input_size=32, verbose=False)
+    probes = engine.build_probe_set([ProbeSpec("cls", "cls", 0.1, "blr0.1")], encoder, 10, HeadOptions(), seed=0)
+    weight = probes.probes["cls"].state_dict()["classifier.weight"]
+    bound = 1 / weight.shape[1] ** 0.5  # nn.Linear's U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    torch.manual_seed(0)
+    stream_start = torch.empty_like(weight).uniform_(-1, 1)  # the draws the encoder's first weights were made of
+    assert weight.abs().max() <= bound
+    assert not torch.allclose(weight / bound, stream_start, atol=1e-5)

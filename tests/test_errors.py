@@ -387,6 +387,44 @@ def test_trust_checkpoint_runs_the_file_and_trains(runs):
     assert "--trust_checkpoint" in done.stderr  # the run says, in one warning line, that it ran the file's code
 
 
+@case
+def eval_with_another_encoder(tmp, shared):
+    checkpoint = shared.previous_run() / "checkpoint-last.pth"  # heads trained on a random-initialised encoder
+    return Case(["--data_path", shared.data, "--cls_features", "cls", "--eval", "--resume", checkpoint,
+                 "--finetune", shared.mae_checkpoint],
+                ["encoder='random init'", "this run has encoder='mae_vit_tiny.pth (", "--finetune"])
+
+
+@case
+def eval_with_another_sub_model(tmp, shared):
+    checkpoint = shared.previous_run() / "checkpoint-last.pth"
+    return Case(["--data_path", shared.data, "--cls_features", "cls", "--eval", "--resume", checkpoint,
+                 "--finetune", shared.mae_checkpoint, "--checkpoint_key", "model"],
+                ["checkpoint_key=None", "checkpoint_key='model'", "--checkpoint_key"])
+
+
+@case
+def eval_with_another_input_size(tmp, shared):
+    checkpoint = shared.previous_run() / "checkpoint-last.pth"
+    return Case(["--data_path", shared.data, "--cls_features", "cls", "--eval", "--resume", checkpoint,
+                 "--input_size", 48], ["input_size=32", "input_size=48", "--input_size"])
+
+
+@case
+def eval_of_a_random_encoder_with_another_seed(tmp, shared):
+    checkpoint = shared.previous_run() / "checkpoint-last.pth"
+    return Case(["--data_path", shared.data, "--cls_features", "cls", "--eval", "--resume", checkpoint,
+                 "--seed", 1], ["seed=0", "seed=1", "--seed"])
+
+
+@case
+def accum_iter_above_the_iterations_of_an_epoch(tmp, shared):
+    # 8 images in batches of 4: 2 iterations, so the optimizer would never step
+    return Case(["--data_path", shared.data, "--accum_iter", 4],
+                ["an epoch has 2 iteration(s) (8 images, batch 4", "fewer than --accum_iter 4",
+                 "--accum_iter 2 or less"])
+
+
 # ---------------------------------------------------------------------------------------- numeric flags
 
 def flag_case(flags, *fragments):
@@ -544,7 +582,33 @@ def image_modes_run(out, data):
     return root, run_cli([*TINY, "--data_path", root, "--output_dir", out])
 
 
+def fresh_start_after_deleted_checkpoints_run(out, data):
+    """A finished run rerun as is, then again after its checkpoints were deleted."""
+    first = run_cli([*TINY, "--data_path", data, "--output_dir", out])
+    again = run_cli([*TINY, "--data_path", data, "--output_dir", out])
+    old_log = (out / "log.txt").read_text()
+    for checkpoint in out.glob("checkpoint-*.pth"):
+        checkpoint.unlink()
+    fresh = run_cli([*TINY, "--data_path", data, "--output_dir", out, "--seed", 1])
+    return first, again, old_log, fresh
+
+
+def train_list_of_one_class_run(out, data):
+    listed = out.parent / f"{out.name}.txt"
+    listed.write_text("class_0/img_0.png\nclass_0/img_1.png\n")
+    return run_cli([*TINY, "--data_path", data, "--train_list", listed, "--batch_size", 2, "--output_dir", out])
+
+
+def folder_named_like_a_built_in_dataset_run(out, data):
+    here = out.parent / f"{out.name}_cwd"
+    shutil.copytree(data, here / "digits")
+    return here, run_cli([*TINY, "--data_path", "digits", "--output_dir", out], cwd=here)
+
+
 SUCCESS_RUNS = {"skip_bad_images": skip_bad_images_run, "image_modes": image_modes_run,
+                "fresh_start": fresh_start_after_deleted_checkpoints_run,
+                "train_list_one_class": train_list_of_one_class_run,
+                "shadowing_folder": folder_named_like_a_built_in_dataset_run,
                 "trusted_checkpoint": trusted_checkpoint_run}
 
 
@@ -562,3 +626,34 @@ def test_grayscale_rgba_cmyk_palette_images_simply_work(runs):
     assert {p.suffix for p in root.rglob("img_*")} == {".png", ".jpg"}  # CMYK can only be a JPEG
     assert done.returncode == 0, done.stderr[-3000:]
     assert "warning" not in done.stderr and "error" not in done.stderr, done.stderr[-3000:]
+
+
+def test_nothing_left_to_train_is_said_and_a_fresh_start_keeps_the_old_log(runs):
+    first, again, old_log, fresh = runs["fresh_start"].result()
+    out = Path(first.args[first.args.index("--output_dir") + 1])
+    for done in (first, again, fresh):
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "epochs 0..0" in first.stdout
+    assert "nothing left to train: the checkpoint already holds all 1 epochs (1 probe(s) on 8 images" in again.stdout
+    assert "epochs 1..0" not in again.stdout and "training" not in again.stdout
+    assert len(old_log.splitlines()) == 1  # the rerun added nothing
+    assert f"note: {out / 'log.txt'} held another run (no checkpoint of it is left): kept as log.1.txt, this run " \
+           "starts a new log" in fresh.stderr.splitlines()
+    assert (out / "log.1.txt").read_text() == old_log
+    assert len((out / "log.txt").read_text().splitlines()) == 1  # only the new run's epoch
+    assert list((out / "tensorboard.1").glob("events.out.tfevents.*"))
+
+
+def test_a_training_list_that_covers_some_classes_is_warned_about(runs):
+    done = runs["train_list_one_class"].result()
+    assert done.returncode == 0, done.stderr[-3000:]
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: the training subset covers 1 of the 2 classes; no training image of class_1 (the "
+                        "heads cannot learn to predict them)"]
+
+
+def test_a_folder_named_like_a_built_in_dataset_is_the_one_read_and_said(runs):
+    here, done = runs["shadowing_folder"].result()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "training 1 probe(s) on 8 images, validating on 8, 2 classes, epochs 0..0; data: the folder " \
+           f"{here / 'digits'} (not the built-in digits)" in done.stdout, done.stdout

@@ -148,7 +148,8 @@ def test_compare_overlays_runs(tmp_path):
     (tmp_path / "nocls" / "attention_stats.csv").write_text("block,nmi\n0,0.1\n1,0.2\n")
     run_main("--compare", str(tmp_path / "mae"), str(tmp_path / "dino"), str(tmp_path / "nocls"),
              "--output_dir", str(tmp_path / "cmp"))
-    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["compare_cls_cls_attention.png",
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["attention_stats_outputs.json",
+                                                                     "compare_cls_cls_attention.png",
                                                                      "compare_nmi.png"]
 
 
@@ -233,17 +234,38 @@ def test_cli_error_is_one_line_on_stderr_with_exit_code_2(tmp_path):
 
 def test_a_reused_folder_holds_only_the_new_runs_outputs(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "plot_cls_cls_attention.png").write_bytes(PNG_MAGIC)  # an earlier run of an encoder with [cls]
-    (out / "tsne_images.png").write_bytes(PNG_MAGIC)
+    run_main("--model", "vit_tiny_patch16", "--input_size", "32", "--max_images", "4", "--draw_2d_embeddings",
+             "--output_dir", str(out))  # an earlier run, of an encoder with [cls]
+    assert (out / "plot_cls_cls_attention.png").is_file() and (out / "tsne_images.png").is_file()
     (out / "notes.txt").write_text("mine")
+    (out / "plot_my_paper_figure.png").write_bytes(PNG_MAGIC)  # a user's figure, named like our plots
+    (out / "tsne_tokens.png").write_bytes(PNG_MAGIC + b"edited by hand")  # ours once, changed since
     encoder_without_cls = tmp_path / "ijepa.pth"
     save_mae_checkpoint(encoder_without_cls, no_cls_token=True)
     run_main("--model", "vit_tiny_patch16", "--input_size", "32", "--no_cls_token", "--finetune",
              str(encoder_without_cls), "--output_dir", str(out))
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == sorted(f"plot_{m}.png" for m in PATCH_METRICS)  # the stale [cls] plot and t-SNE are gone
-    assert (out / "notes.txt").read_text() == "mine"  # files that are not ours stay
+    # the stale [cls] plots and t-SNE are gone; the user's files stay
+    assert pngs == sorted([*(f"plot_{m}.png" for m in PATCH_METRICS), "plot_my_paper_figure.png", "tsne_tokens.png"])
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "tsne_tokens.png").read_bytes() == PNG_MAGIC + b"edited by hand"
+    recorded = json.loads((out / "attention_stats_outputs.json").read_text())
+    assert sorted(recorded["measure"]) == sorted(["attention_stats.csv", "attention_stats.json",
+                                                  *(f"plot_{m}.png" for m in PATCH_METRICS)])
+
+
+def test_compare_removes_only_the_comparison_plots_it_wrote(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "attention_stats.csv").write_text("block,cls_cls_attention,nmi\n0,0.5,0.1\n1,0.4,0.2\n")
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "compare_baselines_final.png").write_bytes(PNG_MAGIC)  # a user's figure, named like ours
+    run_main("--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--output_dir", str(out))
+    (tmp_path / "a" / "attention_stats.csv").write_text("block,nmi\n0,0.1\n1,0.2\n")
+    (tmp_path / "b" / "attention_stats.csv").write_text("block,nmi\n0,0.3\n1,0.2\n")
+    run_main("--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--output_dir", str(out))
+    assert sorted(p.name for p in out.glob("*.png")) == ["compare_baselines_final.png", "compare_nmi.png"]
 
 
 @pytest.mark.parametrize("name,has_cls", [("vit_small_patch14_reg4_dinov2", True),

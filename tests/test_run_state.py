@@ -165,3 +165,104 @@ def test_run_info_lists_the_subset_and_removes_a_stale_list(tmp_path):
     write_run_info(tmp_path, config={"epochs": 2}, identity={"train_subset": "full"}, classes=["a", "b"])
     assert not (tmp_path / "train_subset.txt").exists()
     assert json.loads((tmp_path / "run.json").read_text())["train_subset"] is None
+
+
+# ---------------------------------------------------------------------------------- issue 24: fingerprints as data
+
+def test_fingerprint_is_data_and_the_older_prose_is_read_as_the_same(tmp_path):
+    import hashlib
+
+    from util.run_state import as_fingerprint
+    path = tmp_path / "mae.pth"
+    path.write_bytes(b"weights")
+    expected = {"name": "mae.pth", "bytes": 7, "sha256": hashlib.sha256(b"weights").hexdigest()[:16]}
+    assert fingerprint(path) == expected
+    assert as_fingerprint(f"mae.pth (7 bytes, sha256 {expected['sha256']})") == expected  # what run.json held
+    assert as_fingerprint("vit_base_patch16_224.mae") == "vit_base_patch16_224.mae"
+
+
+def test_a_checkpoint_with_the_older_prose_fingerprint_still_auto_resumes(tmp_path):
+    encoder = tmp_path / "mae.pth"
+    encoder.write_bytes(b"weights")
+    current = fingerprint(encoder)
+    prose = f"mae.pth (7 bytes, sha256 {current['sha256']})"
+    path = _saved(tmp_path, {**IDENTITY, "encoder": prose})
+    checkpoint, changed = RunState(tmp_path, {**IDENTITY, "encoder": current}, ["cls"]).read(path, explicit=False)
+    assert changed == [] and checkpoint["epoch"] == 3
+    encoder.write_bytes(b"other weights")
+    with pytest.raises(IdentityMismatch, match=r"encoder='mae.pth \(7 bytes, sha256 [0-9a-f]{16}\)', this run has "
+                                               r"encoder='mae.pth \(13 bytes, sha256 [0-9a-f]{16}\)'"):
+        RunState(tmp_path, {**IDENTITY, "encoder": fingerprint(encoder)}, ["cls"]).read(path, explicit=False)
+
+
+# ----------------------------------------------------------------------------------- issue 24: --eval's identity
+
+EVAL = {**IDENTITY, "checkpoint_key": None, "input_size": 32, "oracle": None}
+
+
+def _eval_setup(tmp_path):
+    """Heads saved on the encoder file enc.pth; returns (heads path, encoder path)."""
+    encoder = tmp_path / "enc.pth"
+    encoder.write_bytes(b"0123456789")
+    return _saved(tmp_path, {**EVAL, "encoder": fingerprint(encoder)}), encoder
+
+
+@pytest.mark.parametrize("key, value", [("checkpoint_key", "student"), ("input_size", 64), ("return_block", 2),
+                                        ("final_norm", True)])
+def test_eval_refuses_other_tokens_than_the_heads_were_trained_on(tmp_path, key, value):
+    from util.run_state import read_heads_for_eval
+    heads, encoder = _eval_setup(tmp_path)
+    assert read_heads_for_eval(heads, {**EVAL, "encoder": str(encoder)})["epoch"] == 3
+    with pytest.raises(IdentityMismatch, match=f"{key}=") as info:
+        read_heads_for_eval(heads, {**EVAL, "encoder": str(encoder), key: value})
+    assert info.value.setting == key
+
+
+def test_eval_refuses_another_encoder_by_size_then_content(tmp_path, monkeypatch):
+    from util import run_state
+    heads, encoder = _eval_setup(tmp_path)
+    hashed, real = [], run_state.file_sha256
+    monkeypatch.setattr(run_state, "file_sha256", lambda path: hashed.append(path) or real(path))
+    renamed = tmp_path / "copy-of-enc.pth"
+    renamed.write_bytes(encoder.read_bytes())
+    assert run_state.read_heads_for_eval(heads, {**EVAL, "encoder": str(renamed)})  # the same weights
+    bigger = tmp_path / "bigger.pth"
+    bigger.write_bytes(b"01234567890")
+    hashed.clear()
+    with pytest.raises(IdentityMismatch, match=r"encoder='enc.pth \(10 bytes, sha256 [0-9a-f]{16}\)', this run has "
+                                               r"encoder='bigger.pth \(11 bytes\)'"):
+        run_state.read_heads_for_eval(heads, {**EVAL, "encoder": str(bigger)})
+    assert hashed == []  # another size: refused without reading the file
+    same_size = tmp_path / "enc-epoch-2.pth"
+    same_size.write_bytes(b"9876543210")
+    with pytest.raises(IdentityMismatch, match=r"this run has encoder='enc-epoch-2.pth \(10 bytes, sha256"):
+        run_state.read_heads_for_eval(heads, {**EVAL, "encoder": str(same_size)})
+    for other in ("", "vit_base_patch16_224.mae"):  # random init, a timm name
+        with pytest.raises(IdentityMismatch, match="encoder="):
+            run_state.read_heads_for_eval(heads, {**EVAL, "encoder": other})
+
+
+def test_eval_of_a_random_encoder_needs_its_seed(tmp_path):
+    from util.run_state import read_heads_for_eval
+    heads = _saved(tmp_path, {**EVAL, "encoder": "random init", "seed": 0})
+    assert read_heads_for_eval(heads, {**EVAL, "encoder": "", "seed": 0})
+    with pytest.raises(IdentityMismatch, match="seed=0, this run has seed=1"):
+        read_heads_for_eval(heads, {**EVAL, "encoder": "", "seed": 1})
+
+
+# ------------------------------------------------------------------------- issue 24: a fresh start keeps old logs
+
+def test_a_fresh_start_sets_the_old_log_aside_and_never_deletes_it(tmp_path):
+    from util.run_state import set_aside_old_log
+    assert set_aside_old_log(tmp_path) is None  # no log: nothing to do
+    (tmp_path / "log.txt").write_text("")
+    assert set_aside_old_log(tmp_path) is None  # an empty one is not an experiment
+    (tmp_path / "log.txt").write_text('{"epoch": 0}\n')
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "events.1").write_text("old")
+    (tmp_path / "log.1.txt").write_text("a user's file")
+    assert set_aside_old_log(tmp_path) == tmp_path / "log.2.txt"
+    assert (tmp_path / "log.2.txt").read_text() == '{"epoch": 0}\n'
+    assert (tmp_path / "tensorboard.2" / "events.1").read_text() == "old"
+    assert (tmp_path / "log.1.txt").read_text() == "a user's file"
+    assert not (tmp_path / "log.txt").exists() and not (tmp_path / "tensorboard").exists()

@@ -89,7 +89,8 @@ def test_list_names_the_first_unknown_images(tmp_path):
         select(ids, labels, TrainSubset(LIST, str(listed), None))
     message = str(info.value)
     assert "7 of the 8 images listed" in message and str(listed) in message
-    assert "c9/missing_0.jpg, c9/missing_1.jpg" in message and "missing_4.jpg and 2 more" in message
+    assert "'c9/missing_0.jpg' (line 2), 'c9/missing_1.jpg' (line 3)" in message
+    assert "missing_4.jpg' (line 6) and 2 more" in message
     assert "missing_5" not in message
 
 
@@ -97,7 +98,7 @@ def test_list_refuses_a_bare_name_found_in_two_classes(tmp_path):
     ids, labels = _split([2, 2])
     listed = tmp_path / "list.txt"
     listed.write_text("1.jpg\n")
-    with pytest.raises(UnknownSampleNames, match="several class folders: 1.jpg"):
+    with pytest.raises(UnknownSampleNames, match="several class folders: '1.jpg' \\(line 1\\)"):
         select(ids, labels, TrainSubset(LIST, str(listed), None))
 
 
@@ -109,3 +110,32 @@ def test_listing_digest_and_labels():
     assert selection.describe() == f"2-shot (seed 0): 4 images, sha256 {selection.digest}"
     assert TrainSubset(FRACTION, 0.01, 0).label == "1% (seed 0)"
     assert TrainSubset(LIST, "/data/imagenet_subsets/1percent.txt", None).label == "list:1percent"
+
+
+# ------------------------------------------------------------------------------------------------ issue 24
+
+def test_a_list_saved_with_a_byte_order_mark_reads_its_first_name(tmp_path):
+    ids, labels = _split([3, 3])
+    listed = tmp_path / "windows.txt"
+    listed.write_bytes("c0/2.jpg\r\nc1/0.jpg\r\n".encode("utf-8-sig"))  # Notepad's UTF-8: BOM and CRLF
+    assert _chosen(ids, labels, TrainSubset(LIST, str(listed), None)) == {"c0/2.jpg", "c1/0.jpg"}
+
+
+def test_an_invisible_character_in_a_name_is_shown(tmp_path):
+    ids, labels = _split([3])
+    listed = tmp_path / "list.txt"
+    listed.write_text("c0/1.jpg\n\u200bc0/2.jpg\n")  # a zero-width space pasted in front of a name
+    with pytest.raises(UnknownSampleNames, match=r"not in the training set: '\\u200bc0/2.jpg' \(line 2\)$"):
+        select(ids, labels, TrainSubset(LIST, str(listed), None))
+    listed.write_bytes(b"c0/1.jpg\n\xe9t\xe9.jpg\n")  # Latin-1
+    with pytest.raises(UnknownSampleNames, match="is not UTF-8 text"):
+        select(ids, labels, TrainSubset(LIST, str(listed), None))
+
+
+def test_classes_a_list_leaves_out_are_named(tmp_path):
+    ids, labels = _split([2, 2, 2, 2])
+    listed = tmp_path / "list.txt"
+    listed.write_text("c1/0.jpg\nc3/1.jpg\n")
+    selection = select(ids, labels, TrainSubset(LIST, str(listed), None))
+    assert selection.per_class == {1: 1, 3: 1} and selection.empty_classes == (0, 2)
+    assert select(ids, labels, TrainSubset(PER_CLASS, 1, 0)).empty_classes == ()

@@ -7,6 +7,7 @@ before any directory walk or image decoding. A training subset (util/subsets.py)
 import math
 import multiprocessing
 import os
+import random
 import re
 import sys
 from dataclasses import dataclass
@@ -20,7 +21,6 @@ from torch.utils.data import (
     ConcatDataset,
     DataLoader,
     Dataset,
-    DistributedSampler,
     Sampler,
     SequentialSampler,
     Subset,
@@ -324,7 +324,7 @@ TORCHVISION_SETS = tuple(NAMED_SETS)
 
 
 def default_cache_root(name):
-    return Path("~/.cache/beyond-cls").expanduser() / name
+    return digits_clutter.cache_base() / name
 
 
 class DatasetMissing(FileNotFoundError):
@@ -396,7 +396,9 @@ def build_dataset(data_path, split, input_size, *, download=False, skip_bad_imag
     """Dataset for linear probing with `.classes` and `.targets`.
 
     data_path: ImageFolder root (train/, val/) | "digits" | a name of NAMED_SETS, optionally as "name:/root"
-    (default root ~/.cache/beyond-cls/<name>). augment=False gives the train split the deterministic val
+    (default root $BEYOND_CLS_CACHE/<name>, else ~/.cache/beyond-cls/<name>) | "digits_clutter[:root]". A folder
+    of a built-in name in the current directory wins over the built-in dataset (`data_source` says which is read).
+    augment=False gives the train split the deterministic val
     transform. subset (a util.subsets.TrainSubset, train split only): keep the images it selects; the result's
     `.selection` says which.
     """
@@ -416,6 +418,13 @@ def build_dataset(data_path, split, input_size, *, download=False, skip_bad_imag
 def _open_dataset(data_path, split, input_size, download, skip_bad_images, augment):
     """One split of the dataset `data_path` names, whole."""
     look = split if augment else "val"
+    folder = _shadowing_folder(data_path)
+    if folder is not None:
+        try:
+            return _imagefolder_split(folder, split, build_transform(look, input_size), skip_bad_images)
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"{err}; the folder {folder.resolve()} here is read, not the built-in {data_path}") \
+                from None
     if data_path == "digits":
         return Digits(split, input_size, _digits_transform(look, input_size))
     name, _, root = data_path.partition(":")
@@ -425,6 +434,34 @@ def _open_dataset(data_path, split, input_size, download, skip_bad_images, augme
         return _named_split(name, root, split, build_transform(look, input_size), download)
     return _imagefolder_split(Path(data_path).expanduser(), split, build_transform(look, input_size),
                               skip_bad_images)
+
+
+BUILT_IN = ("digits", "digits_clutter", "samples", *NAMED_SETS)
+
+
+def _shadowing_folder(data_path):
+    """The folder a built-in dataset name also names here (./digits), or None. The folder wins: a user who has
+    one and passes its name means it, and the data root a run's identity records is that folder too
+    (util.run_state.data_root)."""
+    folder = Path(str(data_path))
+    return folder if str(data_path) in BUILT_IN and folder.is_dir() else None
+
+
+def data_source(data_path):
+    """What `data_path` reads, in words for a run's summary line."""
+    data_path = str(data_path)
+    if _shadowing_folder(data_path) is not None:
+        return f"the folder {Path(data_path).resolve()} (not the built-in {data_path})"
+    name, _, root = data_path.partition(":")
+    if data_path == "digits":
+        return "the built-in digits (scikit-learn)"
+    if data_path == "samples":
+        return "the built-in samples (scikit-image)"
+    if name == "digits_clutter":
+        return f"digits_clutter in {Path(root).expanduser() if root else digits_clutter.default_root()}"
+    if name in NAMED_SETS:
+        return f"{name} in {Path(root).expanduser() if root else default_cache_root(name)}"
+    return f"the folder {Path(data_path).expanduser().resolve()}"
 
 
 def sample_ids(dataset, data_path, split):
@@ -473,9 +510,10 @@ def build_image_set(data_path, input_size, *, max_images=None, skip_bad_images=F
     max_images keeps that many, evenly spaced so every class stays represented.
     """
     transform = build_transform("val", input_size)
-    if str(data_path) == "samples":
+    shadowed = _shadowing_folder(data_path) is not None  # a folder here named like a built-in set wins
+    if str(data_path) == "samples" and not shadowed:
         dataset = SamplePhotos(transform)
-    elif str(data_path).partition(":")[0] == "digits_clutter":
+    elif str(data_path).partition(":")[0] == "digits_clutter" and not shadowed:
         dataset = digits_clutter.build("val", input_size, root=str(data_path).partition(":")[2] or None)
     else:
         root = Path(data_path).expanduser()
@@ -533,27 +571,86 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+# The purposes of a run's random streams. Every stream is drawn from (seed, epoch, purpose[, rank, worker]) through
+# numpy's SeedSequence, so no two seeds, epochs or purposes share one (torch's DistributedSampler seeds its shuffle
+# with seed + epoch: --seed 1 would replay --seed 0's next epoch).
+SHUFFLE, AUGMENT, HEAD_INIT = 1, 2, 3
+
+
+def derive_seed(seed, epoch, purpose, *more):
+    """A 64-bit seed for one random stream of a run: (seed, epoch, purpose, *more) through numpy's SeedSequence."""
+    return int(np.random.SeedSequence([seed, epoch, purpose, *more]).generate_state(1, np.uint64)[0])
+
+
+class EpochShuffle(Sampler):
+    """One random order of the dataset per epoch, the same on every rank, drawn from (seed, epoch, SHUFFLE); this
+    rank takes every num_replicas-th index of it from `rank` on. As in torch's DistributedSampler (hand-written
+    only for the seed: it seeds with seed + epoch), the order is padded with its own first indices to a multiple
+    of num_replicas: the ranks are disjoint but for that padding, together they cover every image, and N processes
+    with batch b see the batches one process sees with batch N*b."""
+
+    def __init__(self, dataset, num_replicas=1, rank=0, seed=0):
+        self.size, self.num_replicas, self.rank, self.seed, self.epoch = len(dataset), num_replicas, rank, seed, 0
+        self.num_samples = math.ceil(self.size / num_replicas)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def epoch_order(self):
+        """The whole epoch's order (every rank's indices), padded."""
+        order = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, SHUFFLE])).permutation(self.size)
+        padding = self.num_samples * self.num_replicas - self.size
+        order = order.tolist()
+        return order + (order * math.ceil(padding / max(self.size, 1)))[:padding]
+
+    def __iter__(self):
+        return iter(self.epoch_order()[self.rank::self.num_replicas])
+
+    def __len__(self):
+        return self.num_samples
+
+
+class WorkerSeeds:
+    """A DataLoader's worker_init_fn: worker w of this rank draws its augmentation from (seed, epoch, AUGMENT, rank,
+    w), in torch, numpy and Python's random alike. With no workers the main process's torch RNG takes worker 0's
+    seed, so 0 and 1 workers give the same crops."""
+
+    def __init__(self, seed, rank):
+        self.seed, self.rank, self.epoch = seed, rank, 0
+
+    def torch_seed(self, worker_id):
+        return derive_seed(self.seed, self.epoch, AUGMENT, self.rank, worker_id)
+
+    def __call__(self, worker_id):
+        torch.manual_seed(self.torch_seed(worker_id))
+        random.seed(self.torch_seed(worker_id))
+        np.random.seed(np.random.SeedSequence([self.seed, self.epoch, AUGMENT, self.rank, worker_id])
+                       .generate_state(4))
+
+
 class EpochLoader(DataLoader):
-    """A DataLoader whose shuffling and augmentation depend only on (seed, epoch, rank).
+    """A DataLoader whose shuffling and augmentation depend only on (seed, epoch, rank), each its own stream.
 
     Call `set_epoch(epoch)` before each epoch: a resumed run then sees exactly the batches and crops the
-    uninterrupted run saw. Workers get their torch seed from `generator`; with num_workers=0 the transforms
-    draw from the global torch RNG, so set_epoch reseeds that too.
+    uninterrupted run saw. Workers are seeded by WorkerSeeds; with num_workers=0 the transforms draw from the
+    global torch RNG, so set_epoch reseeds that.
     """
 
     def __init__(self, dataset, *, seed, rank, **kwargs):
         self.seed, self.rank = seed, rank
-        super().__init__(dataset, generator=torch.Generator().manual_seed(self._epoch_seed(0)), **kwargs)
-
-    def _epoch_seed(self, epoch):
-        return int(np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(1)[0])
+        self.worker_seeds = WorkerSeeds(seed, rank)
+        # The generator only draws the base seed torch gives workers before WorkerSeeds reseeds them; an own,
+        # seeded one keeps the loader from drawing on the global RNG.
+        super().__init__(dataset, generator=torch.Generator().manual_seed(derive_seed(seed, 0, AUGMENT, rank)),
+                         worker_init_fn=self.worker_seeds, **kwargs)
 
     def set_epoch(self, epoch):
-        if isinstance(self.sampler, DistributedSampler):
+        if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
-        self.generator.manual_seed(self._epoch_seed(epoch))
+        self.worker_seeds.epoch = epoch
+        self.generator.manual_seed(derive_seed(self.seed, epoch, AUGMENT, self.rank))
         if self.num_workers == 0:
-            torch.manual_seed(self._epoch_seed(epoch))
+            torch.manual_seed(self.worker_seeds.torch_seed(0))
 
 
 def build_loader(dataset, batch_size, *, train, num_workers=0, pin_mem=False, distributed=False, seed=0,
@@ -567,10 +664,9 @@ def build_loader(dataset, batch_size, *, train, num_workers=0, pin_mem=False, di
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
     world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if dist_on else (1, 0)
-    if train:
-        # DistributedSampler with one replica is a seeded, epoch-indexed shuffle for single-process runs too.
-        sampler = DistributedSampler(dataset, num_replicas=world if distributed else 1,
-                                     rank=rank if distributed else 0, shuffle=True, seed=seed)
+    if train:  # one epoch-indexed order for single-process runs too
+        sampler = EpochShuffle(dataset, num_replicas=world if distributed else 1, rank=rank if distributed else 0,
+                               seed=seed)
     elif distributed:
         sampler = ShardSampler(dataset, world, rank)
     else:

@@ -37,9 +37,13 @@ CLASSES = [str(d) for d in range(10)]
 NAME = "digits_clutter"
 
 
+def cache_base():
+    """Where generated and named datasets live by default: $BEYOND_CLS_CACHE, else ~/.cache/beyond-cls."""
+    return Path(os.environ.get("BEYOND_CLS_CACHE", "~/.cache/beyond-cls")).expanduser()
+
+
 def default_root(seed=SEED):
-    base = Path(os.environ.get("BEYOND_CLS_CACHE", "~/.cache/beyond-cls")).expanduser()
-    return base / f"{NAME}-v{VERSION}-seed{seed}"
+    return cache_base() / f"{NAME}-v{VERSION}-seed{seed}"
 
 
 # --------------------------------------------------------------------------------------------- generation

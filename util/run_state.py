@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +23,8 @@ from util.checkpoint import load_checkpoint, save_atomic, write_json_atomic, wri
 CHECKPOINT_FORMAT = "beyond-cls linear probing"
 CHECKPOINT_VERSION = 2
 LAST, BEST, LOCK, LOG = "checkpoint-last.pth", "checkpoint-best.pth", ".lock", "log.txt"
+TENSORBOARD = "tensorboard"  # util.run_log.RunLog's folder of events
+RANDOM_INIT = "random init"
 RUN_INFO, SUBSET_LIST, RESULTS = "run.json", "train_subset.txt", "results.json"
 RUN_INFO_VERSION = 1
 
@@ -35,7 +38,8 @@ class IdentityMismatch(ValueError):
 
     def __init__(self, path, setting, saved, current):
         self.path, self.setting, self.saved, self.current = path, setting, saved, current
-        super().__init__(f"{path} was saved with {setting}={saved!r}, this run has {setting}={current!r}")
+        super().__init__(f"{path} was saved with {setting}={describe_source(saved)!r}, this run has "
+                         f"{setting}={describe_source(current)!r}")
 
 
 # ------------------------------------------------------------------------------------------- output folder
@@ -91,18 +95,59 @@ class OutputLock:
 # ------------------------------------------------------------------------------------------------ identity
 
 def fingerprint(source):
-    """What identifies an encoder source: a file's name, size and SHA-256 (a copy or a move stays the same
-    experiment, an overwritten file does not); a timm name or random init as itself."""
+    """What identifies an encoder source, as data: a file is {"name", "bytes", "sha256"} (the first 16 hex digits
+    of its SHA-256; a copy or a move stays the same experiment, an overwritten file does not); a timm name is
+    itself, no source is "random init"."""
     if not source:
-        return "random init"
+        return RANDOM_INIT
     path = Path(source).expanduser()
     if not path.is_file():
         return str(source)
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def file_sha256(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
-    return f"{path.name} ({path.stat().st_size} bytes, sha256 {digest.hexdigest()[:16]})"
+    return digest.hexdigest()[:16]
+
+
+# run.json files and checkpoints written before fingerprints were data hold them as this prose
+LEGACY_FINGERPRINT = re.compile(r"^(?P<name>.+) \((?P<bytes>\d+) bytes, sha256 (?P<sha256>[0-9a-f]+)\)$")
+
+
+def as_fingerprint(recorded):
+    """A recorded encoder source in today's form: the legacy prose "name (N bytes, sha256 X)" becomes its dict."""
+    match = LEGACY_FINGERPRINT.match(recorded) if isinstance(recorded, str) else None
+    if match:
+        return {"name": match["name"], "bytes": int(match["bytes"]), "sha256": match["sha256"]}
+    return recorded
+
+
+def describe_source(value):
+    """A fingerprint as one readable string ("name (N bytes, sha256 X)"); any other value unchanged."""
+    if isinstance(value, dict) and "name" in value and "bytes" in value:
+        digest = f", sha256 {value['sha256']}" if value.get("sha256") else ""
+        return f"{value['name']} ({value['bytes']} bytes{digest})"
+    return value
+
+
+def same_source(recorded, source):
+    """(whether `source` (a path, a timm name or "") is the encoder `recorded` as a fingerprint, what it is as far as
+    that took to know). A file's size is compared first: its content is hashed only when the sizes agree (an
+    overwritten checkpoint often keeps its size). A renamed copy is the same encoder here."""
+    recorded = as_fingerprint(recorded)
+    path = Path(source).expanduser() if source else None
+    if path is None or not path.is_file():
+        current = fingerprint(source)
+        return recorded == current, current
+    current = {"name": path.name, "bytes": path.stat().st_size}
+    if not isinstance(recorded, dict) or recorded.get("bytes") != current["bytes"]:
+        return False, current
+    current["sha256"] = file_sha256(path)
+    return recorded.get("sha256") == current["sha256"], current
 
 
 def data_root(data_path):
@@ -184,6 +229,7 @@ class RunState:
         self.best = {name: {"acc1": -1.0, "epoch": -1} for name in probe_names}
         self.best_states = {}
         self.start_epoch = 0
+        self.resumed_from = None  # the checkpoint resumed, if any
 
     # -- resume
 
@@ -195,12 +241,8 @@ class RunState:
         """The checkpoint at `path` if it may continue this experiment. Auto-resume (explicit False) needs the same
         identity; an explicit one the same head structure. Returns (checkpoint, changed settings)."""
         checkpoint = load_heads(path)
-        saved = checkpoint.get("identity")
-        if saved is None:  # written before identities were recorded (version 1): only its structure is known
-            legacy = checkpoint.get("config", {})
-            saved = {"probes": legacy.get("probes"), "nb_classes": legacy.get("nb_classes"),
-                     "model": legacy.get("model"), "head_options": legacy.get("head_options"),
-                     "return_block": legacy.get("return_block"), "final_norm": legacy.get("final_norm")}
+        saved = recorded_identity(checkpoint)
+        if "identity" not in checkpoint:  # written before identities were recorded (version 1)
             if not explicit:
                 raise IdentityMismatch(path, "identity", "not recorded (an older version wrote it)", "recorded")
         structural = first_difference(saved, self.identity, STRUCTURE)
@@ -226,6 +268,7 @@ class RunState:
         if checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
         self.start_epoch = checkpoint["epoch"] + 1
+        self.resumed_from = str(path)
         self.best = {name: checkpoint.get("best", {}).get(name, entry) for name, entry in self.best.items()}
         if not main:
             return
@@ -263,13 +306,38 @@ class RunState:
                      "scaler": scaler.state_dict()}, self.output_dir / LAST)
 
 
+def recorded_identity(checkpoint):
+    """The identity a checkpoint records, fingerprints in today's form; of a version 1 checkpoint (no identity)
+    only what defines the heads' structure is known."""
+    saved = checkpoint.get("identity")
+    if saved is None:
+        legacy = checkpoint.get("config", {})
+        return {key: legacy.get(key) for key in
+                ("probes", "nb_classes", "model", "head_options", "return_block", "final_norm")}
+    return {key: as_fingerprint(value) if key in ("encoder", "oracle") else value for key, value in saved.items()}
+
+
+# What --eval compares besides the encoders: the heads' structure, the class names, and which tokens the heads read.
+EVAL_SETTINGS = STRUCTURE + ("checkpoint_key", "input_size")
+
+
 def read_heads_for_eval(path, identity):
-    """The heads of a checkpoint for --eval: same structure and the same class names, or IdentityMismatch."""
+    """The heads of a checkpoint for --eval, or IdentityMismatch naming the first setting that differs: the heads'
+    structure and class names, the tokens they read (sub-model, input size, block, final norm), the encoder and
+    oracle (by size, then content: `identity` holds them as given, paths or names, not yet hashed), and for a
+    random-initialised encoder the seed that drew it."""
     checkpoint = load_heads(path)
-    saved = checkpoint.get("identity") or checkpoint.get("config") or {}
-    key = first_difference(saved, identity, STRUCTURE)
+    saved = recorded_identity(checkpoint)
+    key = first_difference(saved, identity, EVAL_SETTINGS)
     if key:
         raise IdentityMismatch(path, key, saved[key], identity[key])
+    for key in ("encoder", "oracle"):
+        if key in saved and (saved[key], identity.get(key)) != (None, None):  # None: no oracle
+            same, current = same_source(saved[key], identity.get(key))
+            if not same:
+                raise IdentityMismatch(path, key, saved[key], current)
+    if saved.get("encoder") == RANDOM_INIT and first_difference(saved, identity, ["seed"]):
+        raise IdentityMismatch(path, "seed", saved["seed"], identity["seed"])
     return checkpoint
 
 
@@ -286,6 +354,23 @@ def truncate_log(path, last_epoch):
     kept = [line for line in lines if _epoch_of(line) <= last_epoch]
     if len(kept) != len(lines):
         write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def set_aside_old_log(output_dir):
+    """A run starting afresh (no checkpoint resumed) in a folder holding another run's log.txt (its checkpoints
+    deleted) would append to it: that log.txt, and the TensorBoard events beside it, are renamed to log.N.txt and
+    tensorboard.N/ (the first N free), never deleted. Returns the log's new path, or None when there was none."""
+    folder = Path(output_dir)
+    log = folder / LOG
+    if not log.is_file() or log.stat().st_size == 0:
+        return None
+    n = 1
+    while (folder / f"log.{n}.txt").exists() or (folder / f"{TENSORBOARD}.{n}").exists():
+        n += 1
+    os.rename(log, folder / f"log.{n}.txt")
+    if (folder / TENSORBOARD).is_dir():
+        os.rename(folder / TENSORBOARD, folder / f"{TENSORBOARD}.{n}")
+    return folder / f"log.{n}.txt"
 
 
 def _epoch_of(line):

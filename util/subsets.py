@@ -46,12 +46,14 @@ class TrainSubset:
 @dataclass(frozen=True)
 class Selection:
     """The chosen training images: `indices` into the split (ascending), their sample ids (sorted), images per
-    class label, and for per_class the labels that had fewer than K images (all of theirs are used)."""
+    class label, for per_class the labels that had fewer than K images (all of theirs are used), and the labels of
+    the split of which no image was chosen (a list that names only some classes)."""
     subset: TrainSubset
     indices: Tuple[int, ...]
     ids: Tuple[str, ...]
     per_class: dict
     short_classes: Tuple[int, ...] = ()
+    empty_classes: Tuple[int, ...] = ()
 
     @property
     def listing(self):
@@ -95,8 +97,9 @@ def select(ids, labels, subset):
     per_class = defaultdict(int)
     for i in chosen:
         per_class[labels[i]] += 1
+    empty = tuple(label for label in groups if label not in per_class)
     return Selection(subset, tuple(chosen), tuple(sorted(ids[i] for i in chosen)), dict(sorted(per_class.items())),
-                     short)
+                     short, empty)
 
 
 def _by_class(ids, labels):
@@ -136,10 +139,18 @@ def stratified_counts(class_sizes, fraction):
 # ------------------------------------------------------------------------------------------------ lists
 
 def read_list(path):
-    """The image names of a list file: one per line, blank lines and surrounding spaces ignored."""
-    with open(Path(path).expanduser()) as f:
-        names = [line.strip() for line in f]
-    names = [name for name in names if name]
+    """{image name: its first line number} of a list file: one name per line, blank lines and surrounding spaces
+    ignored. UTF-8, with or without a byte-order mark (Windows editors write one; it would stick to the first name
+    as an invisible character)."""
+    try:
+        with open(Path(path).expanduser(), encoding="utf-8-sig") as f:
+            lines = [(number, line.strip()) for number, line in enumerate(f, 1)]
+    except UnicodeDecodeError as err:
+        raise UnknownSampleNames(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    names = {}
+    for number, name in lines:
+        if name:
+            names.setdefault(name, number)
     if not names:
         raise UnknownSampleNames(f"{path} names no images")
     return names
@@ -148,7 +159,9 @@ def read_list(path):
 def resolve_names(names, ids, *, source):
     """Indices of the samples `names` refers to: a sample id (a path relative to the training root), or a bare
     file name found once in the training set (the public ImageNet 1%/10% files list `n01440764_10026.JPEG`,
-    which lives at `n01440764/n01440764_10026.JPEG`). Repeated names count once."""
+    which lives at `n01440764/n01440764_10026.JPEG`). Repeated names count once. `names`: a list, or the
+    {name: line number} of read_list (messages then name the lines)."""
+    lines = names if isinstance(names, dict) else {}
     by_id = {sample_id: i for i, sample_id in enumerate(ids)}
     by_name = defaultdict(list)
     for i, sample_id in enumerate(ids):
@@ -165,13 +178,14 @@ def resolve_names(names, ids, *, source):
             unknown.append(name)
     if unknown:
         raise UnknownSampleNames(f"{len(unknown)} of the {len(names)} images listed in {source} are not in the "
-                                 f"training set: {_quote(unknown)}")
+                                 f"training set: {_quote(unknown, lines)}")
     if ambiguous:
         raise UnknownSampleNames(f"{len(ambiguous)} file name(s) listed in {source} occur in several class "
-                                 f"folders: {_quote(ambiguous)}; list them as class/file")
+                                 f"folders: {_quote(ambiguous, lines)}; list them as class/file")
     return chosen
 
 
-def _quote(names):
-    shown = ", ".join(names[:NAMES_SHOWN])
+def _quote(names, lines):
+    """The first names as Python writes them (an invisible character shows: '\\u200bn0144.JPEG'), with their line."""
+    shown = ", ".join(f"{name!r}" + (f" (line {lines[name]})" if name in lines else "") for name in names[:NAMES_SHOWN])
     return shown + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else "")
