@@ -5,7 +5,7 @@ once; every probe trains on the same tokens with its own BatchNorm, LARS state a
 no parameters, so the gradient of the summed loss w.r.t. one probe is exactly that probe's own gradient.
 """
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -29,31 +29,48 @@ class FrozenTokens:
 
     Attention probabilities are captured only when a head reads them (`need_attention`), so the plain path keeps
     timm's fused attention. `oracle` is a second frozen encoder whose last-block [cls] attention weights patches.
+    `need_blocks` n > 0: the same forward also yields the [cls] of the last n blocks up to the probed one and that
+    block's mean patch token, each through the encoder's final norm (DINOv2's linear protocol).
     """
 
-    def __init__(self, encoder, *, block=None, need_attention=False, oracle=None, device="cpu", amp="none",
-                 compile=False):
+    def __init__(self, encoder, *, block=None, need_attention=False, need_blocks=0, oracle=None, device="cpu",
+                 amp="none", compile=False):
         self.encoder = encoder
         # Capture hooks would break a compiled graph, so only the hook-free path is compiled.
         self.encode = encoder.forward_tokens
-        if compile and not need_attention:
+        if compile and not need_attention and not need_blocks:
             self.encode = torch.compile(encoder.forward_tokens)
         self.block = encoder.block_index(block)  # ValueError for a block the encoder does not have
         if oracle is not None and not oracle.has_class_token:
             raise ValueError("the oracle encoder has no [cls] token whose attention could weight the patches")
+        if need_blocks and not encoder.has_class_token:
+            raise ValueError(f"the [cls] tokens of the last {need_blocks} blocks were asked for but the encoder has "
+                             "no [cls]")
+        if need_blocks > self.block + 1:
+            raise ValueError(f"the last {need_blocks} blocks up to block {self.block} were asked for but the encoder "
+                             f"has {self.block + 1} blocks up to it")
         self.need_attention = need_attention
+        self.need_blocks = need_blocks
         self.oracle = oracle
         self.device = device
         self.amp = amp
 
     @torch.inference_mode()
     def _forward(self, images):
-        attn = oracle_attn = None
+        attn = oracle_attn = summary = None
         with autocast(self.device, self.amp):
-            if self.need_attention:
-                with capture_attention(self.encoder, blocks=[self.block]) as cap:
+            if self.need_attention or self.need_blocks:
+                with ExitStack() as hooks:
+                    if self.need_attention:
+                        cap = hooks.enter_context(capture_attention(self.encoder, blocks=[self.block]))
+                    if self.need_blocks:
+                        first = self.block - self.need_blocks + 1
+                        outputs = hooks.enter_context(_block_outputs(self.encoder, range(first, self.block + 1)))
                     tokens = self.encoder.forward_tokens(images, block=self.block)
-                attn = cap.records[self.block]["attn"]
+                if self.need_attention:
+                    attn = cap.records[self.block]["attn"]
+                if self.need_blocks:
+                    summary = self._last_blocks(outputs)
             else:
                 tokens = self.encode(images, block=self.block)
             if self.oracle is not None:
@@ -62,15 +79,39 @@ class FrozenTokens:
                     self.oracle.forward_tokens(images)
                 prefix = self.oracle.num_prefix_tokens
                 oracle_attn = cap.records[last]["attn"][:, :, 0, prefix:].float().mean(1)
-        return tokens, attn, oracle_attn
+        return tokens, attn, oracle_attn, summary
+
+    def _last_blocks(self, outputs):
+        """([B, n, D] [cls] of each block, oldest first; [B, D] mean patch token of the last), after the final norm,
+        as dinov2's get_intermediate_layers(norm=True) hands them to its linear probe."""
+        norm, last = self.encoder.norm, max(outputs)  # a per-token norm: only the tokens read are normed
+        block_cls = torch.stack([norm(outputs[i][:, 0]) for i in sorted(outputs)], 1)
+        patch_mean = norm(outputs[last][:, self.encoder.num_prefix_tokens:]).float().mean(1)
+        return block_cls.float(), patch_mean
 
     def __call__(self, images) -> TokenBatch:
-        tokens, attn, oracle_attn = self._forward(images.to(self.device, non_blocking=True))
+        tokens, attn, oracle_attn, summary = self._forward(images.to(self.device, non_blocking=True))
         # Inference-mode tensors cannot enter autograd; one copy per batch lets the heads train on them.
         clone = lambda t: None if t is None else t.clone()
+        block_cls, patch_mean = summary or (None, None)
         return TokenBatch(tokens=tokens.clone(), num_prefix=self.encoder.num_prefix_tokens,
                           grid=tuple(self.encoder.grid_size), attn=clone(attn), oracle_attn=clone(oracle_attn),
-                          has_cls=bool(self.encoder.has_class_token))
+                          has_cls=bool(self.encoder.has_class_token), block_cls=clone(block_cls),
+                          normed_patch_mean=clone(patch_mean))
+
+
+@contextmanager
+def _block_outputs(encoder, indices):
+    """Within the block, each forward fills {block index: that block's output} (forward hooks, registered only
+    here, so the plain path stays hook-free and compilable)."""
+    outputs = {}
+    handles = [encoder.blocks[i].register_forward_hook(lambda module, args, out, i=i: outputs.__setitem__(i, out))
+               for i in indices]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class ProbeSet(nn.Module):
@@ -228,7 +269,8 @@ class EvalTokenCache:
     def add(self, batch: TokenBatch, targets):
         if self.overflow:
             return
-        tensors = [t for t in (batch.tokens, batch.attn, batch.oracle_attn) if t is not None]
+        tensors = [t for t in (batch.tokens, batch.attn, batch.oracle_attn, batch.block_cls, batch.normed_patch_mean)
+                   if t is not None]
         self.size += sum(t.numel() * t.element_size() for t in tensors)
         if self.size > self.budget:
             self.items, self.overflow = [], True

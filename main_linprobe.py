@@ -210,6 +210,7 @@ def _run_locked(config, device):
     with user_errors({ValueError: "pass a --return_block inside the encoder and an --oracle with a [cls] token"}):
         tokens_fn = engine.FrozenTokens(encoder, block=config.encoder.return_block, oracle=oracle, device=device,
                                         amp=config.amp, need_attention=config.needs_attention,
+                                        need_blocks=config.needs_blocks,
                                         compile=config.compile)
     with user_errors({ValueError: "check --cls_features and the head flags against the encoder"}):
         probe_set = engine.build_probe_set(config.probes, encoder, nb_classes, config.head_options,
