@@ -211,6 +211,20 @@ def test_two_process_torchrun_on_cpu_completes_and_logs_once(tmp_path):
     assert (out / "checkpoint-last.pth").exists()
 
 
+def test_the_peers_heads_and_dinov2s_protocol_train_in_one_bf16_run(tmp_path):
+    out = tmp_path / "peer"
+    heads = ["dinov2_n1", "dinov2_n4_avgpool", "ep_all", "siglip", "cbam", "dolg"]
+    run(*DIGITS, "--cls_features", ",".join(heads), "--blr", "50", "--epochs", "1", "--warmup_epochs", "0",
+        "--train_per_class", "20", "--batch_size", "64", "--amp", "bfloat16", "--ep_d_out", "2",
+        "--output_dir", out)
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["probe"] for r in rows} == {f"{h}_blr50" for h in heads}
+    assert all(0 <= r["best_acc1"] <= 100 for r in rows)
+    probes = last_probes(out)
+    assert probes["heads.2.classifier.weight"].shape == (10, 96)  # ep_all, --ep_d_out 2 on the width 192
+    assert probes["heads.1.classifier.weight"].shape == (10, 5 * 192)  # four blocks' [cls] + the patch mean
+
+
 def test_paper_command_line_parses():
     args = main_linprobe.get_args_parser().parse_args(PAPER_COMMAND)
     assert args.amp == "bfloat16" and args.num_workers == 16 and args.dataloader_affinity_hack is True
