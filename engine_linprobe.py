@@ -6,7 +6,7 @@ no parameters, so the gradient of the summed loss w.r.t. one probe is exactly th
 """
 import time
 import weakref
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -43,31 +43,48 @@ class FrozenTokens:
 
     Attention probabilities are captured only when a head reads them (`need_attention`), so the plain path keeps
     timm's fused attention. `oracle` is a second frozen encoder whose last-block [cls] attention weights patches.
+    `need_blocks` n > 0: the same forward also yields the [cls] of the last n blocks up to the probed one and that
+    block's mean patch token, each through the encoder's final norm (DINOv2's linear protocol).
     """
 
-    def __init__(self, encoder, *, block=None, need_attention=False, oracle=None, device="cpu", amp="none",
-                 compile=False):
+    def __init__(self, encoder, *, block=None, need_attention=False, need_blocks=0, oracle=None, device="cpu",
+                 amp="none", compile=False):
         self.encoder = encoder
         # Capture hooks would break a compiled graph, so only the hook-free path is compiled.
         self.encode = encoder.forward_tokens
-        if compile and not need_attention:
+        if compile and not need_attention and not need_blocks:
             self.encode = torch.compile(encoder.forward_tokens)
         self.block = encoder.block_index(block)  # ValueError for a block the encoder does not have
         if oracle is not None and not oracle.has_class_token:
             raise ValueError("the oracle encoder has no [cls] token whose attention could weight the patches")
+        if need_blocks and not encoder.has_class_token:
+            raise ValueError(f"the [cls] tokens of the last {need_blocks} blocks were asked for but the encoder has "
+                             "no [cls]")
+        if need_blocks > self.block + 1:
+            raise ValueError(f"the last {need_blocks} blocks up to block {self.block} were asked for but the encoder "
+                             f"has {self.block + 1} blocks up to it")
         self.need_attention = need_attention
+        self.need_blocks = need_blocks
         self.oracle = oracle
         self.device = device
         self.amp = amp
 
     @torch.inference_mode()
     def _forward(self, images):
-        attn = oracle_attn = None
+        attn = oracle_attn = summary = None
         with autocast(self.device, self.amp):
-            if self.need_attention:
-                with capture_attention(self.encoder, blocks=[self.block]) as cap:
+            if self.need_attention or self.need_blocks:
+                with ExitStack() as hooks:
+                    if self.need_attention:
+                        cap = hooks.enter_context(capture_attention(self.encoder, blocks=[self.block]))
+                    if self.need_blocks:
+                        first = self.block - self.need_blocks + 1
+                        outputs = hooks.enter_context(_block_outputs(self.encoder, range(first, self.block + 1)))
                     tokens = self.encoder.forward_tokens(images, block=self.block)
-                attn = cap.records[self.block]["attn"]
+                if self.need_attention:
+                    attn = cap.records[self.block]["attn"]
+                if self.need_blocks:
+                    summary = self._last_blocks(outputs)
             else:
                 tokens = self.encode(images, block=self.block)
             if self.oracle is not None:
@@ -76,15 +93,39 @@ class FrozenTokens:
                     self.oracle.forward_tokens(images)
                 prefix = self.oracle.num_prefix_tokens
                 oracle_attn = cap.records[last]["attn"][:, :, 0, prefix:].float().mean(1)
-        return tokens, attn, oracle_attn
+        return tokens, attn, oracle_attn, summary
+
+    def _last_blocks(self, outputs):
+        """([B, n, D] [cls] of each block, oldest first; [B, D] mean patch token of the last), after the final norm,
+        as dinov2's get_intermediate_layers(norm=True) hands them to its linear probe."""
+        norm, last = self.encoder.norm, max(outputs)  # a per-token norm: only the tokens read are normed
+        block_cls = torch.stack([norm(outputs[i][:, 0]) for i in sorted(outputs)], 1)
+        patch_mean = norm(outputs[last][:, self.encoder.num_prefix_tokens:]).float().mean(1)
+        return block_cls.float(), patch_mean
 
     def __call__(self, images) -> TokenBatch:
-        tokens, attn, oracle_attn = self._forward(images.to(self.device, non_blocking=True))
+        tokens, attn, oracle_attn, summary = self._forward(images.to(self.device, non_blocking=True))
         # Inference-mode tensors cannot enter autograd; one copy per batch lets the heads train on them.
         clone = lambda t: None if t is None else t.clone()
+        block_cls, patch_mean = summary or (None, None)
         return TokenBatch(tokens=tokens.clone(), num_prefix=self.encoder.num_prefix_tokens,
                           grid=tuple(self.encoder.grid_size), attn=clone(attn), oracle_attn=clone(oracle_attn),
-                          has_cls=bool(self.encoder.has_class_token))
+                          has_cls=bool(self.encoder.has_class_token), block_cls=clone(block_cls),
+                          normed_patch_mean=clone(patch_mean))
+
+
+@contextmanager
+def _block_outputs(encoder, indices):
+    """Within the block, each forward fills {block index: that block's output} (forward hooks, registered only
+    here, so the plain path stays hook-free and compilable)."""
+    outputs = {}
+    handles = [encoder.blocks[i].register_forward_hook(lambda module, args, out, i=i: outputs.__setitem__(i, out))
+               for i in indices]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class ProbeSet(nn.Module):
@@ -242,10 +283,11 @@ class CacheLayout:
     attn_heads: int = 0    # 0: no head reads attention
     attn_rows: Tuple[int, ...] = ()  # query rows of the attention the heads read (the rest is zeros on reuse)
     oracle_patches: int = 0          # 0: no --oracle
+    blocks: int = 0                  # DINOv2's heads: [cls] of the last `blocks` blocks and a normed patch mean
 
     def bytes_per_image(self, element_size=4):
         return element_size * (self.tokens * self.width + self.attn_heads * len(self.attn_rows) * self.keys
-                               + self.oracle_patches)
+                               + self.oracle_patches + (self.blocks + 1) * self.width * bool(self.blocks))
 
     def describe(self):
         parts = [f"{self.tokens} token(s) x {self.width} channels"]
@@ -254,6 +296,8 @@ class CacheLayout:
                          f"{self.keys}")
         if self.oracle_patches:
             parts.append(f"{self.oracle_patches} oracle weights")
+        if self.blocks:
+            parts.append(f"[cls] of {self.blocks} block(s) + a patch mean x {self.width} channels")
         return " + ".join(parts)
 
 
@@ -277,7 +321,8 @@ def cache_layout(probe_set, encoder, *, block=None, oracle=None) -> CacheLayout:
     return CacheLayout(tokens=1 if cls_only else keys, width=encoder.embed_dim,
                        num_prefix=prefix, has_cls=bool(encoder.has_class_token), grid=grid,
                        keys=keys, attn_heads=heads, attn_rows=tuple(sorted(rows)),
-                       oracle_patches=grid[0] * grid[1] if oracle is not None else 0)
+                       oracle_patches=grid[0] * grid[1] if oracle is not None else 0,
+                       blocks=max(HEADS[p.head_name].needs_blocks for p in probes))
 
 
 class EvalTokenCache:
@@ -305,6 +350,9 @@ class EvalTokenCache:
                                                dtype=batch.attn.dtype)
         if layout.oracle_patches:
             self.buffers["oracle"] = torch.empty((n, layout.oracle_patches), dtype=batch.oracle_attn.dtype)
+        if layout.blocks:
+            self.buffers["block_cls"] = torch.empty((n, layout.blocks, layout.width), dtype=batch.block_cls.dtype)
+            self.buffers["patch_mean"] = torch.empty((n, layout.width), dtype=batch.normed_patch_mean.dtype)
         if self.device.type == "cuda":
             for name, buffer in self.buffers.items():
                 if name != "targets":  # the loader's labels: small, and copied by evaluate() as fresh ones are
@@ -325,6 +373,9 @@ class EvalTokenCache:
             b["attn"][start:end].copy_(batch.attn.index_select(2, rows))
         if "oracle" in b:
             b["oracle"][start:end].copy_(batch.oracle_attn)
+        if "block_cls" in b:
+            b["block_cls"][start:end].copy_(batch.block_cls)
+            b["patch_mean"][start:end].copy_(batch.normed_patch_mean)
         self.batch_ends.append(end)
 
     def _cached(self, start, end):
@@ -341,9 +392,10 @@ class EvalTokenCache:
             kept = move(b["attn"][start:end])
             attn = kept.new_zeros((end - start, layout.attn_heads, layout.keys, layout.keys))
             attn[:, :, list(layout.attn_rows)] = kept
-        return TokenBatch(tokens=tokens, num_prefix=layout.num_prefix, grid=layout.grid,
-                          attn=attn, oracle_attn=move(b["oracle"][start:end]) if "oracle" in b else None,
-                          has_cls=layout.has_cls), b["targets"][start:end]
+        cached = lambda name: move(b[name][start:end]) if name in b else None
+        return TokenBatch(tokens=tokens, num_prefix=layout.num_prefix, grid=layout.grid, attn=attn,
+                          oracle_attn=cached("oracle"), has_cls=layout.has_cls, block_cls=cached("block_cls"),
+                          normed_patch_mean=cached("patch_mean")), b["targets"][start:end]
 
     def batches(self, tokens_fn, loader):
         """(TokenBatch, targets) pairs: from the cache when complete, else from the encoder (filling the cache)."""

@@ -1,21 +1,23 @@
 """Probe heads: every --cls_features value, one table, one Probe shape.
 
 A probe is  aggregation (tokens -> one vector)  ->  BatchNorm1d(affine=False)  ->  Linear,  as in MAE's linear
-probing. Aggregations read a `TokenBatch` (the frozen encoder's tokens, plus the last block's attention or an
-oracle's [cls] attention when the head asks for them in `HEADS`). Every aggregation that weights patches keeps
-its weights of the last forward in `attention_map`: [B, N] (or [B, Q, N] for several queries) over the N patch
-tokens in row-major grid order, so `map.reshape(B, *grid)` is an image.
+probing. Aggregations read a `TokenBatch` (the frozen encoder's tokens, plus the last block's attention, an
+oracle's [cls] attention or the [cls] tokens of the last blocks when the head asks for them in `HEADS`). Every
+aggregation that weights patches keeps its weights of the last forward in `attention_map`: [B, N] (or [B, Q, N]
+for several queries) over the N patch tokens in row-major grid order, so `map.reshape(B, *grid)` is an image.
+The learned poolers themselves live in `poolers.py`; here they get their tokens and their row in `HEADS`.
 """
+import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn as dist_nn
 import torch.nn as nn
-from timm.layers import AttentionPoolLatent, trunc_normal_
+from timm.layers import trunc_normal_
 
+import poolers
 from abmilp import ACTIVATIONS, COND_CHOICES, CONTENT_CHOICES, SA_CHOICES, AbMILP
+from poolers import BatchNormAcrossRanks
 
 
 @dataclass
@@ -26,10 +28,22 @@ class TokenBatch:
     attn: Optional[torch.Tensor] = None         # [B, heads, T, T] attention of the block that made `tokens`
     oracle_attn: Optional[torch.Tensor] = None  # [B, N] oracle's [cls]->patch attention, mean over heads
     has_cls: Optional[bool] = None              # token 0 is [cls] (None: whenever there is a prefix token)
+    # DINOv2's linear protocol, from the same forward: [cls] after each of the last n blocks up to the probed one
+    # ([B, n, D], oldest first) and the probed block's mean patch token ([B, D]), both through the final norm
+    block_cls: Optional[torch.Tensor] = None
+    normed_patch_mean: Optional[torch.Tensor] = None
 
     @property
     def patches(self) -> torch.Tensor:
         return self.tokens[:, self.num_prefix:]
+
+    def float32(self) -> "TokenBatch":
+        """This batch with every tensor in float32 (itself when they already are)."""
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        if all(t.dtype == torch.float32 for t in tensors.values()):
+            return self
+        return dataclasses.replace(self, **{name: t.float() for name, t in tensors.items()})
 
 
 def _option(default, help, choices=None):
@@ -50,9 +64,14 @@ class HeadOptions:
     abmilp_cond: str = _option("none", "pe: add a trained 2-D sin-cos position embedding to the scorer's input",
                                COND_CHOICES)
     abmilp_content: str = _option("patch", "AbMILP pools all tokens or the patch tokens only", CONTENT_CHOICES)
-    # defaults: the efficient-probing repo's queries, timm AttentionPoolLatent's heads
+    # defaults: the efficient-probing repo's (the peer's) queries, d_out and heads, timm AttentionPoolLatent's heads
     ep_queries: int = _option(32, "learnable queries of --cls_features ep (must divide the embedding width)")
-    map_heads: int = _option(8, "attention heads of --cls_features map (must divide the embedding width)")
+    ep_d_out: int = _option(1, "ep's value projection maps the width D to D / ep_d_out, the classifier's input (the "
+                               "peer's --d_out; ep_queries x ep_d_out must divide D)")
+    map_heads: int = _option(8, "attention heads of --cls_features map and siglip (must divide the embedding width)")
+    esimpool_heads: int = _option(12, "attention heads of --cls_features esimpool (must divide the embedding width)")
+    aim_heads: int = _option(16, "attention heads of --cls_features aim (the peer's --num_heads)")
+    jepa_heads: int = _option(16, "attention heads of --cls_features jepa (the peer's --num_heads)")
     head_init: str = _option("paper", "classifier initialisation: paper (nn.Linear's default, as the paper's code) "
                                       "or mae (trunc-normal std 0.01, zero bias, as MAE's linprobe)", HEAD_INITS)
 
@@ -182,73 +201,41 @@ class AbMILPHead(Aggregation):
         return pooled
 
 
-class EfficientProbing(Aggregation):
-    """EP: learnable queries attend to the patch tokens (no q/k projections, keys are the tokens); one value
-    projection's output is split into Q slices, query q pools slice q; the slices concatenate back to D."""
+class TokenPooling(Aggregation):
+    """A learned pooler of poolers.py over the patch tokens, or over [cls] and the patch tokens (`with_cls`: the
+    peer's `_all` variants; register tokens are left out, as DINOv2's get_intermediate_layers leaves them)."""
 
-    def __init__(self, dim: int, num_queries: int):
-        super().__init__(dim)
-        if num_queries < 1 or dim % num_queries:
-            raise ValueError(f"{num_queries} queries do not divide the embedding width {dim}")
-        self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
-        self.value = nn.Linear(dim, dim, bias=False)
-        self.scale = dim ** -0.5
+    def __init__(self, pooler: poolers.Pooler, with_cls: bool = False):
+        super().__init__(pooler.out_dim)
+        self.pooler = pooler
+        self.with_cls = with_cls
 
     def forward(self, batch):
-        x = batch.patches
-        (b, n, d), q = x.shape, self.queries.shape[0]
-        attn = torch.einsum("qd,bnd->bqn", self.queries.to(x.dtype) * self.scale, x).softmax(-1)
-        self.attention_map = attn.detach()
-        values = self.value(x).reshape(b, n, q, d // q)
-        return torch.einsum("bqn,bnqc->bqc", attn.to(values.dtype), values).reshape(b, d)
+        patches = batch.patches
+        pooled = self.pooler(torch.cat([batch.tokens[:, :1], patches], 1) if self.with_cls else patches)
+        weights = self.pooler.attention_map
+        self.attention_map = None if weights is None else weights[..., -patches.shape[1]:]  # the patches' share
+        return pooled
 
 
-class SimPool(Aggregation):
-    """SimPool: the mean patch is the query; keys and values are the LayerNorm-ed patches; one head."""
+class DinoV2LinearInput(Aggregation):
+    """DINOv2's linear-probe input (dinov2/eval/linear.py `create_linear_input`): the [cls] tokens of the last n
+    blocks, each through the encoder's final norm, concatenated oldest first, then (avgpool) the mean of the last
+    block's normed patch tokens. The tokens come from the TokenBatch (FrozenTokens fills them from one forward)."""
 
-    def __init__(self, dim: int):
-        super().__init__(dim)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.wq = nn.Linear(dim, dim, bias=False)
-        self.wk = nn.Linear(dim, dim, bias=False)
-        self.scale = dim ** -0.5
+    def __init__(self, dim: int, n_blocks: int, avgpool: bool):
+        super().__init__(dim * (n_blocks + avgpool))
+        self.n_blocks, self.avgpool = n_blocks, avgpool
 
     def forward(self, batch):
-        x = batch.patches
-        query = self.wq(x.mean(1))
-        normed = self.norm(x)
-        attn = (torch.einsum("bd,bnd->bn", query, self.wk(normed)) * self.scale).softmax(-1)
-        self.attention_map = attn.detach()
-        return _weighted_sum(attn, normed)
-
-
-class MultiheadAttentionPool(Aggregation):
-    """MAP: timm's AttentionPoolLatent in pre-logits mode (one latent query, no projection or MLP after).
-
-    Its attention map is computed in eval mode only, so training runs timm's fused path alone."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__(dim)
-        if num_heads < 1 or dim % num_heads:
-            raise ValueError(f"{num_heads} attention heads do not divide the embedding width {dim}")
-        self.pool = AttentionPoolLatent(dim, out_features=0, num_heads=num_heads)
-
-    def forward(self, batch):
-        x = batch.patches
-        if not self.training:  # the map costs a key projection: only evaluation (and plots) pay for it
-            with torch.no_grad():
-                self.attention_map = self._attention(x)
-        return self.pool(x)
-
-    def _attention(self, x):
-        # timm's forward does not return its attention (fused kernel); recompute it from the same weights.
-        pool, (b, n, d) = self.pool, x.shape
-        heads, head_dim = pool.num_heads, pool.head_dim
-        q = pool.q_norm(pool.q(pool.latent).reshape(1, -1, heads, head_dim).transpose(1, 2))
-        k = nn.functional.linear(x, pool.kv.weight[:d], None if pool.kv.bias is None else pool.kv.bias[:d])
-        k = pool.k_norm(k.reshape(b, n, heads, head_dim).transpose(1, 2))
-        attn = (q.to(k.dtype) * pool.scale @ k.transpose(-2, -1)).float().softmax(-1)  # [B, heads, L, N]
-        return attn.mean(1).squeeze(1)
+        have = 0 if batch.block_cls is None else batch.block_cls.shape[1]
+        if have < self.n_blocks:
+            raise ValueError(f"DINOv2's linear input reads the [cls] of the last {self.n_blocks} blocks but the "
+                             f"TokenBatch carries {have} (FrozenTokens(need_blocks={self.n_blocks}) fills them)")
+        parts = [batch.block_cls[:, -self.n_blocks:].flatten(1)]
+        if self.avgpool:
+            parts.append(batch.normed_patch_mean)
+        return torch.cat(parts, 1)
 
 
 @dataclass(frozen=True)
@@ -261,6 +248,9 @@ class HeadSpec:
     needs_attention: bool = False
     needs_cls: bool = False
     needs_oracle: bool = False
+    needs_blocks: int = 0  # [cls] of the last n blocks (TokenBatch.block_cls)
+    # the embedding width must be a multiple of this (attention heads, queries): (divisor, what sets it)
+    width_divisor: Optional[Callable[[HeadOptions], Tuple[int, str]]] = None
 
 
 def _crop_builder(cls, k):
@@ -292,51 +282,89 @@ _SPECS = [
     HeadSpec("oracle", lambda d, g, p, o: OracleAttention(d), "patch tokens + --oracle's [cls] attention",
              "patches weighted by a second encoder's last-block [cls] attention (mean over heads), renormalised",
              needs_oracle=True),
-    HeadSpec("ep", lambda d, g, p, o: EfficientProbing(d, o.ep_queries), "patch tokens",
-             "efficient probing: --ep_queries learnable queries, no q/k projections, value split across queries",
-             learned=True),
-    HeadSpec("simpool", lambda d, g, p, o: SimPool(d), "patch tokens",
-             "SimPool: mean patch as query, one-head attention over LayerNorm-ed patches", learned=True),
-    HeadSpec("map", lambda d, g, p, o: MultiheadAttentionPool(d, o.map_heads), "patch tokens",
-             "timm AttentionPoolLatent (pre-logits): one latent query, --map_heads heads", learned=True),
+    *[HeadSpec(f"dinov2_n{n}{'_avgpool' * avg}", lambda d, g, p, o, n=n, avg=avg: DinoV2LinearInput(d, n, avg),
+               f"[cls] of the last {n} block{'s' * (n > 1)}{' + mean patch token' * avg}, after the final norm",
+               f"DINOv2's linear-probe input: n_last_blocks {n}, avgpool {avg}", needs_cls=True, needs_blocks=n)
+      for n in (1, 4) for avg in (False, True)],
 ]
+
+
+def _heads(count: Callable[[HeadOptions], int], flag: str = ""):
+    """A width divisor of `count` attention heads, set by `flag` (or fixed by the head's definition)."""
+    return lambda options: (count(options), f"{flag} {count(options)}" if flag else f"its {count(options)} heads")
+
+
+# The learned poolers (poolers.py): name, builder (dim, grid, options) -> Pooler, description, width divisor, and
+# whether the peer's `_all` variant (over [cls] and the patches) exists: not where tokens sit on the patch grid.
+_POOLERS = [
+    ("ep", lambda d, g, o: poolers.EfficientProbing(d, o.ep_queries, o.ep_d_out),
+     "efficient probing: --ep_queries learnable queries, no q/k projections, value split across queries",
+     lambda o: (o.ep_queries * o.ep_d_out,
+                f"--ep_queries {o.ep_queries} x --ep_d_out {o.ep_d_out} = {o.ep_queries * o.ep_d_out}"), True),
+    ("simpool", lambda d, g, o: poolers.SimPool(d),
+     "SimPool: mean token as query, one-head attention over LayerNorm-ed tokens", None, True),
+    ("map", lambda d, g, o: poolers.LatentAttentionPool(d, o.map_heads),
+     "timm AttentionPoolLatent (pre-logits): one latent query, --map_heads heads",
+     _heads(lambda o: o.map_heads, "--map_heads"), True),
+    ("esimpool", lambda d, g, o: poolers.ESimPool(d, o.esimpool_heads),
+     "SimPool without linears: LayerNorm-ed mean query and keys, raw values, --esimpool_heads heads",
+     _heads(lambda o: o.esimpool_heads, "--esimpool_heads"), True),
+    ("clip", lambda d, g, o: poolers.ClipAttentionPool(d, g),
+     "CLIP's attention pool: LayerNorm, then timm AttentionPool2d (mean query, position embedding, 4 heads)",
+     _heads(lambda o: 4), False),
+    ("siglip", lambda d, g, o: poolers.LatentAttentionPool(d, o.map_heads, full=True),
+     "SigLIP's head: timm AttentionPoolLatent with its projection and MLP, --map_heads heads",
+     _heads(lambda o: o.map_heads, "--map_heads"), True),
+    ("aim", lambda d, g, o: poolers.AimPool(d, o.aim_heads),
+     "AIM: BatchNorm-ed tokens, a learned query over key/value projections, --aim_heads heads",
+     _heads(lambda o: o.aim_heads, "--aim_heads"), True),
+    ("cbam", lambda d, g, o: poolers.CbamPool(d, g),
+     "CBAM (timm CbamModule) on the patch grid, residual, ReLU, mean", None, False),
+    ("coca", lambda d, g, o: poolers.CocaPool(d),
+     "CoCa's attentional pooler: one learned query, 8 heads of 64, shared key and value", None, True),
+    ("cait", lambda d, g, o: poolers.CaitPool(d),
+     "CaiT's class attention: a learned [cls] through one class-attention block (4 heads), LayerNorm",
+     _heads(lambda o: 4), True),
+    ("dinovit", lambda d, g, o: poolers.DinoViTPool(d),
+     "one more DINOv2 transformer block (8 heads) over the tokens, then their mean",
+     _heads(lambda o: 8), True),
+    ("jepa", lambda d, g, o: poolers.JepaPool(d, o.jepa_heads),
+     "I-JEPA's attentive pooler: a learned query cross-attends (--jepa_heads heads), residual MLP",
+     _heads(lambda o: o.jepa_heads, "--jepa_heads"), True),
+    ("dolg", lambda d, g, o: poolers.DolgPool(d),
+     "DOLG's spatial attention: per-token softplus score times the L2-normalised BatchNorm-ed projection, mean",
+     None, True),
+    ("cae", lambda d, g, o: poolers.CaePool(d),
+     "CAE's attentive block: a learned query cross-attends (8 heads) over LayerNorm-ed keys and values",
+     _heads(lambda o: 8), True),
+]
+for _name, _build, _description, _divisor, _has_all in _POOLERS:
+    _SPECS.append(HeadSpec(_name, lambda d, g, p, o, build=_build: TokenPooling(build(d, g, o)), "patch tokens",
+                           _description, learned=True, width_divisor=_divisor))
+for _name, _build, _description, _divisor, _has_all in _POOLERS:
+    if _has_all:
+        _SPECS.append(HeadSpec(f"{_name}_all", lambda d, g, p, o, build=_build: TokenPooling(build(d, g, o), True),
+                               "[cls] + patch tokens", f"{_name} over [cls] and the patch tokens", learned=True,
+                               needs_cls=True, width_divisor=_divisor))
 HEADS = {spec.name: spec for spec in _SPECS}
+
+# The peer's names that mean something else here, with what to pass instead.
+_REFUSED = {
+    "abmilp_all": "is --cls_features abmilp --abmilp_content all here, which pools [cls], any registers and the "
+                  "patches",
+    "clip_all": "does not exist: CLIP's pool gives every token a learned position on the patch grid, where [cls] has "
+                "none; use clip",
+    "cbam_all": "does not exist: CBAM convolves the tokens on the patch grid, where [cls] has no place; use cbam",
+}
 
 
 def resolve_head(name: str) -> HeadSpec:
     key = name.strip().lower()
+    if key in _REFUSED:
+        raise ValueError(f"head {key} {_REFUSED[key]}")
     if key not in HEADS:
         raise ValueError(f"unknown head {name!r}; the heads are {', '.join(HEADS)}")
     return HEADS[key]
-
-
-class BatchNormAcrossRanks(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics cover the global batch of every DDP process.
-
-    On CUDA the entry point converts it to torch's SyncBatchNorm (NCCL). SyncBatchNorm refuses CPU tensors, so on
-    gloo this computes the same statistics in float64 with a centred second pass: E[x^2] - E[x]^2 is no variance
-    when a channel's mean is a thousand times its spread, as for MAE's pre-norm [cls]. Without torch.distributed
-    (or with one process) it is plain BatchNorm1d.
-    """
-
-    def forward(self, x):
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        x64 = x.double()
-        count = torch.full((1,), float(x.shape[0]), dtype=torch.float64, device=x.device)
-        # all_reduce from torch.distributed.nn carries gradients back to every rank's inputs
-        totals = dist_nn.all_reduce(torch.cat([count, x64.sum(0)]))
-        n = totals[0]
-        mean = totals[1:] / n
-        centred = x64 - mean
-        var = dist_nn.all_reduce(centred.pow(2).sum(0)) / n
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            m = self.momentum
-            self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
-            unbiased = var * n / (n - 1).clamp_min(1)
-            self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
-        return (centred / torch.sqrt(var + self.eps)).to(x.dtype)
 
 
 class Probe(nn.Module):
@@ -345,6 +373,8 @@ class Probe(nn.Module):
     init "paper" keeps nn.Linear's default initialisation (U(-1/sqrt(d), 1/sqrt(d)) for weight and bias), as the
     paper's code does (its trunc_normal_ call is commented out); "mae" is MAE's linprobe: trunc-normal std 0.01,
     zero bias. Under LARS a step moves a weight by about 0.001 * lr * ||w||, so the init sets the training speed.
+
+    The aggregation runs in float32 whatever the autocast around it (`features`); only the classifier follows it.
     """
 
     def __init__(self, aggregation: Aggregation, num_classes: int, head_name: str = "", init: str = "paper"):
@@ -360,7 +390,14 @@ class Probe(nn.Module):
             nn.init.zeros_(self.classifier.bias)
 
     def forward(self, batch: TokenBatch) -> torch.Tensor:
-        return self.classifier(self.norm(self.aggregation(batch)))
+        return self.classifier(self.norm(self.features(batch)))
+
+    def features(self, batch: TokenBatch) -> torch.Tensor:
+        """The pooled features BatchNorm normalises, computed in float32 even under bf16 autocast: frozen tokens
+        often have a channel mean hundreds of times their spread across images (MAE's pre-norm tokens), which
+        bf16's 8-bit mantissa rounds away, in the values pooled and in the keys that score them alike."""
+        with torch.autocast(batch.tokens.device.type, enabled=False):
+            return self.aggregation(batch.float32()).float()
 
     @property
     def attention_map(self) -> Optional[torch.Tensor]:

@@ -152,10 +152,11 @@ def main(args):
     if rank == 0 and args.lr is None:
         print(f"effective batch size {config.effective_batch}: lr = blr * {config.effective_batch} / 256 = "
               + ", ".join(f"{p.lr:.4g}" for p in config.probes[:len(config.probes) // len(config.heads)]))
-    if rank == 0 and config.compile and config.needs_attention:
-        readers = [h for h in config.heads if HEADS[h].needs_attention]
-        print(f"note: --compile is not applied: {','.join(readers)} read attention probabilities, which a compiled "
-              "forward cannot capture; the encoder runs uncompiled", file=sys.stderr, flush=True)
+    if rank == 0 and config.compile and (config.needs_attention or config.needs_blocks):
+        readers = [h for h in config.heads if HEADS[h].needs_attention or HEADS[h].needs_blocks]
+        print(f"note: --compile is not applied: {','.join(readers)} read attention probabilities or several blocks' "
+              "tokens, which a compiled forward cannot capture; the encoder runs uncompiled", file=sys.stderr,
+              flush=True)
     run(config)
 
 
@@ -220,6 +221,7 @@ def _run_locked(config, device):
     with user_errors({ValueError: "pass a --return_block inside the encoder and an --oracle with a [cls] token"}):
         tokens_fn = engine.FrozenTokens(encoder, block=config.encoder.return_block, oracle=oracle, device=device,
                                         amp=config.amp, need_attention=config.needs_attention,
+                                        need_blocks=config.needs_blocks,
                                         compile=config.compile)
     with user_errors({ValueError: "check --cls_features and the head flags against the encoder"}):
         probe_set = engine.build_probe_set(config.probes, encoder, nb_classes, config.head_options,

@@ -55,7 +55,8 @@ def parse_args():
     p.add_argument("--iters", type=int, default=3, help="steps per measurement")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each measurement before the rounds")
     p.add_argument("--rounds", type=int, default=9, help="alternating rounds; medians are reported")
-    p.add_argument("--heads", default="cls,pos,abmilp", help="heads of (c); (b) trains the first one")
+    p.add_argument("--heads", default="cls,pos,abmilp", help="heads of (c); (b) trains the first one (`learned`: "
+                   "abmilp, then every other learned head of heads.HEADS without the _all variants)")
     p.add_argument("--blr", default="0.01,0.03,0.1,0.3,1.0", help="base lrs of (c); (b) uses the first one")
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="dense peak TFLOP/s of the device in the precision of --amp, for MFU (default: from "
@@ -155,7 +156,7 @@ def probe_setup(bench, encoder, heads, blrs):
     optimizer = engine.build_optimizer(probes, specs, "lars", weight_decay=0.0)
     tokens_fn = engine.FrozenTokens(encoder, device=bench.device, amp=bench.amp,
                                     need_attention=any(HEADS[h].needs_attention for h in heads),
-                                    compile=bench.compile)
+                                    need_blocks=max(HEADS[h].needs_blocks for h in heads), compile=bench.compile)
     return WarmupCosine(epochs=10, warmup_epochs=1), probes, optimizer, tokens_fn
 
 
@@ -169,6 +170,9 @@ def main(bench):
     if bench.compile:
         bare = torch.compile(bare)
 
+    if bench.heads == "learned":
+        bench.heads = ",".join(["abmilp"] + [h for h, spec in HEADS.items()
+                                             if spec.learned and h != "abmilp" and not h.endswith("_all")])
     first_head, first_blr = bench.heads.split(",")[0], bench.blr.split(",")[0]
     one = probe_setup(bench, encoder, first_head, first_blr)
     many = probe_setup(bench, encoder, bench.heads, bench.blr)

@@ -71,3 +71,34 @@ def test_under_a_launcher_an_explicit_gpu_index_is_refused(monkeypatch):
     with pytest.raises(UserError, match=r"--device cuda:0 names one GPU for all 2 processes \(pass --device cuda"):
         resolve_device("cuda:0")
     assert resolve_device("cpu") == "cpu"
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--cls_features", "esimpool", "--esimpool_heads", "7"], ["--cls_features esimpool", "--esimpool_heads 7",
+                                                               "width 192", "divisor"]),
+    (["--cls_features", "ep", "--ep_queries", "32", "--ep_d_out", "5"], ["--ep_queries 32 x --ep_d_out 5 = 160"]),
+    (["--cls_features", "aim", "--aim_heads", "0"], ["--aim_heads 0", "at least 1"]),
+    (["--cls_features", "jepa", "--jepa_heads", "0"], ["--jepa_heads 0"]),
+    (["--cls_features", "ep", "--ep_d_out", "0"], ["--ep_d_out 0"]),
+    (["--cls_features", "siglip", "--map_heads", "5"], ["--cls_features siglip", "--map_heads 5"]),
+    (["--cls_features", "dinov2_n4", "--return_block", "2"], ["dinov2_n4", "last 4 blocks", "has 3 up to the probed "
+                                                              "block 2", "--return_block of at least 3"]),
+    (["--cls_features", "dinov2_n1_avgpool", "--no_cls_token"], ["dinov2_n1_avgpool", "[cls]"]),
+    (["--cls_features", "ep_all", "--no_cls_token"], ["ep_all", "[cls]"]),
+    (["--cls_features", "abmilp_all"], ["abmilp_all", "--abmilp_content all"]),
+    (["--cls_features", "clip_all"], ["clip_all", "use clip"]),
+])
+def test_bad_head_flags_are_one_line_user_errors(flags, fragments):
+    with pytest.raises(UserError) as info:
+        resolve(*flags)
+    message = str(info.value)
+    assert "\n" not in message and message.endswith(")") and " (" in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_heads_reading_blocks_ask_for_as_many_as_the_widest():
+    assert resolve("--cls_features", "cls,ep").needs_blocks == 0
+    assert resolve("--cls_features", "dinov2_n1,dinov2_n4_avgpool").needs_blocks == 4
+    assert resolve("--cls_features", "dinov2_n4", "--return_block", "3").needs_blocks == 4
+    assert resolve("--cls_features", "dinov2_n1", "--return_block", "-12").needs_blocks == 1

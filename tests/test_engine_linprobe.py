@@ -92,6 +92,33 @@ def test_every_probe_of_a_grid_trains_exactly_as_alone(encoder, dataset):
             assert not torch.equal(probe_state(init, head)["classifier.weight"], expected["classifier.weight"])
 
 
+def test_every_learned_and_dinov2_head_trains_side_by_side_from_one_forward_per_batch(dataset):
+    torch.manual_seed(0)
+    enc = build_encoder("vit_tiny_patch16", input_size=32, embed_dim=32, depth=4, num_heads=2, verbose=False)
+    heads = [h for h, spec in HEADS.items() if spec.learned or spec.needs_blocks]
+    config = make_config("--model", "vit_tiny_patch16", "--cls_features", ",".join(heads), "--blr", "1",
+                         "--batch_size", "16", "--epochs", "1", "--warmup_epochs", "0", "--esimpool_heads", "4")
+    assert config.needs_blocks == 4
+    forwards = []
+    enc.patch_embed.register_forward_hook(lambda *args: forwards.append(1))
+    tokens_fn = engine.FrozenTokens(enc, need_blocks=config.needs_blocks)
+    probe_set, optimizer = build(config, enc)
+    before = {name: probe_state(probe_set, name) for name in probe_set.names}
+    loader = build_loader(dataset, 16, train=True, seed=0)
+    loader.set_epoch(0)
+    stats, _ = one_epoch(config, tokens_fn, probe_set, loader, optimizer)
+    assert len(forwards) == len(loader)  # one encoder forward per batch feeds every head
+    assert sorted(probe_set.names) == sorted(f"{h}_blr1" for h in heads)
+    for head in heads:
+        name = f"{head}_blr1"
+        after = probe_state(probe_set, name)
+        assert math.isfinite(stats[name]["train_loss"]), name
+        moved = [key for key in after if not torch.equal(after[key], before[name][key])]
+        assert "classifier.weight" in moved, name
+        if HEADS[head].learned:  # the pooler trained too, not only the classifier on top of it
+            assert any(key.startswith("aggregation.") and "running" not in key for key in moved), name
+
+
 def test_min_lr_applies_to_every_probe_of_a_sweep_as_if_alone(encoder, dataset):
     # The cosine ends at --min_lr for every probe, as each would when trained alone (not at min_lr * lr / lr0).
     common = ["--batch_size", "16", "--epochs", "2", "--warmup_epochs", "1", "--min_lr", "0.001",
@@ -370,16 +397,23 @@ def test_every_head_runs_on_every_family(family):
     oracle = build_encoder("vit_tiny_patch16", input_size=size, patch_size=size // 4, embed_dim=32, depth=2,
                            num_heads=2, verbose=False)
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
-    batch = engine.FrozenTokens(enc, need_attention=True, oracle=oracle)(images)
+    blocks = 2 if enc.has_class_token else 0  # the [cls] of the last blocks exist with a [cls] only
+    batch = engine.FrozenTokens(enc, need_attention=True, need_blocks=blocks, oracle=oracle)(images)
     tokens = enc.num_prefix_tokens + 16
     assert batch.tokens.shape == (2, tokens, 32) and batch.attn.shape == (2, 2, tokens, tokens)
     assert batch.num_prefix == enc.num_prefix_tokens and batch.patches.shape == (2, 16, 32)
+    options = HeadOptions(esimpool_heads=4)  # the default 12 does not divide the width 32
     for head, spec in HEADS.items():
         if spec.needs_cls and not enc.has_class_token:
             with pytest.raises(ValueError, match="\\[cls\\]"):
-                build_probe(head, 32, 3, enc.grid_size, enc.num_prefix_tokens, has_cls=False)
+                build_probe(head, 32, 3, enc.grid_size, enc.num_prefix_tokens, options, has_cls=False)
             continue
-        probe = build_probe(head, 32, 3, enc.grid_size, enc.num_prefix_tokens, has_cls=enc.has_class_token).eval()
+        probe = build_probe(head, 32, 3, enc.grid_size, enc.num_prefix_tokens, options,
+                            has_cls=enc.has_class_token).eval()
+        if spec.needs_blocks > enc.depth:
+            with pytest.raises(ValueError, match="last 4 blocks but the TokenBatch carries 2"):
+                probe(batch)
+            continue
         logits = probe(batch)
         assert logits.shape == (2, 3) and torch.isfinite(logits).all(), head
         if probe.attention_map is not None:
@@ -397,6 +431,45 @@ def test_without_attention_heads_the_forward_stays_fused(monkeypatch):
     assert engine.FrozenTokens(enc).__call__(images).attn is None
     with pytest.raises(AssertionError, match="recomputed"):  # the attention-reading path does recompute them
         engine.FrozenTokens(enc, need_attention=True)(images)
+
+
+def test_dinov2_block_tokens_are_timms_own_intermediates_from_one_forward():
+    torch.manual_seed(0)
+    enc = build_encoder("vit_small_patch14_reg4_dinov2", input_size=28, patch_size=7, embed_dim=32, depth=5,
+                        num_heads=2, verbose=False)  # registers: DINOv2's patch mean leaves them out
+    with torch.no_grad():  # a final norm with its own affine, so a missing or a second norm shows
+        enc.norm.weight.normal_(1, 0.5)
+        enc.norm.bias.normal_(0, 0.5)
+    images = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    forwards = []
+    enc.patch_embed.register_forward_hook(lambda *args: forwards.append(1))
+    batch = engine.FrozenTokens(enc, need_blocks=4, amp="bfloat16")(images)
+    assert len(forwards) == 1  # the blocks' tokens come from the forward that made batch.tokens
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        # timm's own path: get_intermediate_layers(n=4, norm=True), as dinov2's linear protocol reads them
+        layers = enc.forward_intermediates(images, indices=4, norm=True, return_prefix_tokens=True,
+                                           output_fmt="NLC", intermediates_only=True)
+    torch.testing.assert_close(batch.block_cls, torch.stack([prefix[:, 0] for _, prefix in layers], 1).float())
+    torch.testing.assert_close(batch.normed_patch_mean, layers[-1][0].float().mean(1))
+    assert batch.block_cls.dtype == batch.normed_patch_mean.dtype == torch.float32
+    # an earlier probed block: the four blocks up to it
+    early = engine.FrozenTokens(enc, block=3, need_blocks=4)(images)
+    with torch.no_grad():
+        layers = enc.forward_intermediates(images, indices=[0, 1, 2, 3], norm=True, return_prefix_tokens=True,
+                                           output_fmt="NLC", intermediates_only=True)
+    torch.testing.assert_close(early.block_cls, torch.stack([prefix[:, 0] for _, prefix in layers], 1))
+    torch.testing.assert_close(early.normed_patch_mean, layers[-1][0].mean(1))
+    assert engine.FrozenTokens(enc).__call__(images).block_cls is None  # only filled when a head reads it
+
+
+def test_frozen_tokens_refuse_more_blocks_than_the_encoder_has_or_no_cls(encoder):
+    with pytest.raises(ValueError, match="last 4 blocks up to block 1 were asked for but the encoder has 2"):
+        engine.FrozenTokens(encoder, need_blocks=4)
+    with pytest.raises(ValueError, match="last 2 blocks up to block 0"):
+        engine.FrozenTokens(encoder, block=0, need_blocks=2)
+    name, arch, size = FAMILIES["registers, no [cls]"]
+    with pytest.raises(ValueError, match="no \\[cls\\]"):
+        engine.FrozenTokens(build_encoder(name, input_size=size, verbose=False, **arch), need_blocks=1)
 
 
 def test_frozen_tokens_refuse_blocks_outside_the_encoder(encoder):

@@ -162,7 +162,7 @@ def test_learned_attention_maps_shape_and_meaning():
     ep = build_probe("ep", 32, 4, GRID, 1, HeadOptions(ep_queries=4))
     out = ep.aggregation(batch)
     assert ep.attention_map.shape == (2, 4, N)
-    values = ep.aggregation.value(x).reshape(2, N, 4, 8)
+    values = ep.aggregation.pooler.value(x).reshape(2, N, 4, 8)
     for q in range(4):  # query q pools slice q of the value projection with its own weights
         pooled = torch.einsum("bn,bnc->bc", ep.attention_map[:, q], values[:, :, q])
         assert torch.allclose(out[:, q * 8:(q + 1) * 8], pooled, atol=1e-5)
@@ -177,7 +177,7 @@ def test_learned_attention_maps_shape_and_meaning():
     single.aggregation.train()(batch)
     assert single.attention_map is None  # training pays nothing for it
     out = single.aggregation.eval()(batch)
-    kv = single.aggregation.pool.kv
+    kv = single.aggregation.pooler.pool.kv
     v = x @ kv.weight[32:].T + kv.bias[32:]
     assert single.attention_map.shape == (2, N)
     assert torch.allclose(out, torch.einsum("bn,bnd->bd", single.attention_map, v), atol=1e-5)
@@ -265,19 +265,38 @@ def test_errors():
         build_probe(name, 32, 4, GRID, 0)  # patch-token heads work without [cls]
     with pytest.raises(ValueError, match="centre crop"):
         build_probe("cp4", 32, 4, GRID, 1)
-    with pytest.raises(ValueError, match="5 queries do not divide"):
+    with pytest.raises(ValueError, match="5 queries x d_out 1 do not divide"):
         build_probe("ep", 32, 4, GRID, 1, HeadOptions(ep_queries=5))
     with pytest.raises(ValueError, match="5 attention heads do not divide"):
         build_probe("map", 32, 4, GRID, 1, HeadOptions(map_heads=5))
 
 
+# the peer's (billpsomas/efficient-probing) 14 learned heads, and ours
+PEER_HEADS = {"abmilp", "simpool", "esimpool", "clip", "siglip", "aim", "ep", "cbam", "coca", "cait", "dinovit", "jepa",
+              "dolg", "cae"}
+LEARNED = PEER_HEADS | {"map"}
+WITH_ALL = LEARNED - {"abmilp", "clip", "cbam"}  # abmilp_all is --abmilp_content all; clip and cbam need the grid
+DINOV2 = {"dinov2_n1", "dinov2_n1_avgpool", "dinov2_n4", "dinov2_n4_avgpool"}
+
+
 def test_table_and_resolution():
-    expected = {"cls", "pos", "both", "abmilp", "attn-mn", "attn-lcte", "oracle", "ep", "simpool", "map"}
-    expected |= {f"cp{k}" for k in range(1, 5)} | {f"ca{k}" for k in range(1, 5)}
+    expected = {"cls", "pos", "both", "abmilp", "attn-mn", "attn-lcte", "oracle"} | LEARNED | DINOV2
+    expected |= {f"cp{k}" for k in range(1, 5)} | {f"ca{k}" for k in range(1, 5)} | {f"{h}_all" for h in WITH_ALL}
     assert set(HEADS) == expected
     assert resolve_head(" CA3 ").name == "ca3"
     assert HEADS["oracle"].needs_oracle and not HEADS["oracle"].needs_cls
-    assert {n for n, s in HEADS.items() if s.learned} == {"abmilp", "ep", "simpool", "map"}
+    assert {n for n, s in HEADS.items() if s.learned} == LEARNED | {f"{h}_all" for h in WITH_ALL}
+    assert all(HEADS[f"{h}_all"].needs_cls for h in WITH_ALL) and not any(HEADS[h].needs_cls for h in LEARNED)
+    assert {n: s.needs_blocks for n, s in HEADS.items() if s.needs_blocks} == {
+        "dinov2_n1": 1, "dinov2_n1_avgpool": 1, "dinov2_n4": 4, "dinov2_n4_avgpool": 4}
+    assert all(HEADS[h].needs_cls and not HEADS[h].learned for h in DINOV2)
+
+
+@pytest.mark.parametrize("name,hint", [("abmilp_all", "--abmilp_content all"), ("clip_all", "use clip"),
+                                       ("cbam_all", "use cbam")])
+def test_the_peers_all_variants_we_do_not_build_say_what_to_use(name, hint):
+    with pytest.raises(ValueError, match=hint):
+        resolve_head(name)
 
 
 def test_options_from_args_and_cli_flags():
@@ -291,13 +310,32 @@ def test_options_from_args_and_cli_flags():
 
 def test_describe_heads_counts_vit_b_parameters():
     rows = {row.name: row for row in describe_heads()}
-    d = 768
+    d, n, ln = 768, 14 * 14, 2 * 768
     assert set(rows) == set(HEADS)
     assert rows["cls"].n_params == 0 and rows["ca2"].n_params == 0 and not rows["ca2"].learned
-    assert rows["abmilp"].n_params == d + 1
-    assert rows["ep"].n_params == 32 * d + d * d
-    assert rows["simpool"].n_params == 2 * d + 2 * d * d
-    assert rows["map"].n_params == d + (d * d + d) + (2 * d * d + 2 * d)
+    mlp = (d * 4 * d + 4 * d) + (4 * d * d + d)
+    expected = {
+        "abmilp": d + 1,
+        "ep": 32 * d + d * d,
+        "simpool": ln + 2 * d * d,
+        "map": d + (d * d + d) + (2 * d * d + 2 * d),
+        "esimpool": ln,                                                   # the LayerNorm's affine only
+        "clip": ln + (3 * d * d + 3 * d) + (d * d + d) + (n + 1) * d,     # LayerNorm, qkv, proj, positions
+        "siglip": d + (d * d + d) + (2 * d * d + 2 * d) + (d * d + d) + mlp,
+        "aim": d + 2 * d * d,                                             # query, k, v (BatchNorm without affine)
+        "cbam": 2 * (d * d // 16) + 2 * 7 * 7 + 2,                       # channel MLP, 7x7 conv, BatchNorm affine
+        "coca": d + d + d * 512 + d * 128 + 512 * d,                     # query, LayerNorm gain, q, kv, out
+        "cait": d + 3 * ln + 2 * d + 3 * (d * d + d) + (d * d + d) + mlp,  # cls, 3 norms, 2 layer scales, q/k/v, proj
+        "dinovit": 2 * ln + 3 * d * d + (d * d + d) + mlp,
+        "jepa": d + 2 * ln + (d * d + d) + (2 * d * d + 2 * d) + (d * d + d) + mlp,
+        "dolg": (d * d + d) + ln + (d + 1),
+        "cae": d + 3 * ln + 3 * d * d + (d * d + d),
+    }
+    assert {name: rows[name].n_params for name in expected} == expected
+    assert all(rows[f"{h}_all"].n_params == rows[h].n_params for h in WITH_ALL)
+    assert all(rows[h].n_params == 0 and not rows[h].learned for h in DINOV2)
+    assert describe_heads(options=HeadOptions(ep_d_out=2))[[r.name for r in rows.values()].index("ep")].n_params \
+        == 32 * d + d * d // 2
 
 
 def test_registers_without_cls_refuse_cls_heads_and_never_count_as_patches():
@@ -308,3 +346,137 @@ def test_registers_without_cls_refuse_cls_heads_and_never_count_as_patches():
     probe = build_probe("pos", 16, 4, GRID, 4, has_cls=False)
     assert np.allclose(probe.aggregation(batch)[:, :N].numpy(), 1 / N)  # the mean of the N one-hot patches only
     assert build_probe("cls", 16, 4, GRID, 5, has_cls=True).aggregation(batch).shape == (2, 16)
+
+
+# ---- the peer's heads: token selection, learning at MAE's token scales, float32 pooling
+
+MAE_WIDTH = 48  # divisible by every default head count (esimpool 12, aim/jepa 16, map/dinovit/cae 8, clip/cait 4)
+MAE_OPTIONS = HeadOptions(ep_queries=4)
+
+
+def mae_like_tokens(images, seed, *, prefix=1, signal=2, amplitude=5.0, classes=4):
+    """Tokens as MAE's pre-norm ones look: every channel has a large common mean (300x the spread of the tokens
+    around it). Every patch carries a random unit direction of norm `amplitude` (distractors), except `signal`
+    random patches per image, which carry their class's direction. Returns (TokenBatch, labels, signal positions)."""
+    fixed, gen = torch.Generator().manual_seed(1234), torch.Generator().manual_seed(seed)
+    mean = 300.0 * torch.randn(MAE_WIDTH, generator=fixed)
+    directions = torch.linalg.qr(torch.randn(MAE_WIDTH, MAE_WIDTH, generator=fixed))[0][:, :classes].T
+    labels = torch.arange(images) % classes
+    tokens = mean + torch.randn(images, prefix + N, MAE_WIDTH, generator=gen)
+    carried = nn.functional.normalize(torch.randn(images, N, MAE_WIDTH, generator=gen), dim=-1)
+    positions = torch.rand(images, N, generator=gen).argsort(1)[:, :signal]
+    carried[torch.arange(images)[:, None], positions] = directions[labels][:, None]
+    tokens[:, prefix:] += amplitude * carried
+    return TokenBatch(tokens, prefix, GRID), labels, positions
+
+
+def recalibrate_batchnorms(probe, batch):
+    """Every BatchNorm's running statistics set to this batch's, with the trained weights: what the end of a
+    cosine schedule gives. A constant-lr toy run would otherwise evaluate with statistics that lag the drift of
+    a 300x channel mean through weights that are still moving."""
+    for module in probe.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average: one pass gives the batch's own statistics
+    with torch.no_grad():
+        probe.train()(batch)
+    return probe.eval()
+
+
+@pytest.mark.parametrize("name", sorted(LEARNED))
+def test_every_learned_head_learns_a_signal_hidden_among_distractors_at_maes_scale(name, one_thread):
+    train, labels, _ = mae_like_tokens(384, seed=1)
+    test, test_labels, _ = mae_like_tokens(256, seed=2)
+    torch.manual_seed(0)
+    probe = build_probe(name, MAE_WIDTH, 4, GRID, 1, MAE_OPTIONS)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=3e-3)
+    for _ in range(100):
+        loss = nn.functional.cross_entropy(probe(train), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    recalibrate_batchnorms(probe, train)
+    with torch.no_grad():
+        accuracy = (probe(test).argmax(1) == test_labels).float().mean().item()
+    assert accuracy > 0.6, f"{name}: held-out accuracy {accuracy:.3f} (chance 0.25)"
+
+
+@pytest.mark.parametrize("name", sorted(WITH_ALL))
+def test_all_variants_pool_cls_and_the_patches_but_never_the_registers(name):
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3, 3 + N, 48, generator=gen)  # [cls], two registers, the patches
+    batch = TokenBatch(tokens, 3, GRID)
+    probe = build_probe(f"{name}_all", 48, 4, GRID, 3, MAE_OPTIONS).eval()
+    pooler = probe.aggregation.pooler
+    with torch.no_grad():
+        out = probe.aggregation(batch)
+        torch.testing.assert_close(out, pooler(torch.cat([tokens[:, :1], tokens[:, 3:]], 1)))
+        other_registers = TokenBatch(torch.cat([tokens[:, :1], torch.randn(3, 2, 48), tokens[:, 3:]], 1), 3, GRID)
+        torch.testing.assert_close(probe.aggregation(other_registers), out)
+        other_cls = TokenBatch(torch.cat([torch.randn(3, 1, 48), tokens[:, 1:]], 1), 3, GRID)
+        assert not torch.equal(probe.aggregation(other_cls), out)
+        patches_only = build_probe(name, 48, 4, GRID, 3, MAE_OPTIONS).eval()
+        patches_only.aggregation.load_state_dict(probe.aggregation.state_dict())
+        assert torch.equal(patches_only.aggregation(other_cls), patches_only.aggregation(batch))
+    if probe.attention_map is not None:
+        assert probe.attention_map.shape[-1] == N  # the patches' share, ready to reshape to the grid
+
+
+def test_ep_d_out_narrows_the_classifier():
+    probe = build_probe("ep", 48, 4, GRID, 1, HeadOptions(ep_queries=4, ep_d_out=3))
+    assert probe.aggregation.out_dim == 16 and probe.classifier.in_features == 16 and probe.norm.num_features == 16
+    assert probe(random_batch(dim=48)).shape == (2, 4)
+
+
+def test_dinov2_heads_concatenate_the_last_blocks_cls_oldest_first_then_the_patch_mean():
+    gen = torch.Generator().manual_seed(0)
+    block_cls, patch_mean = torch.randn(2, 4, 16, generator=gen), torch.randn(2, 16, generator=gen)
+    batch = TokenBatch(torch.randn(2, 1 + N, 16), 1, GRID, block_cls=block_cls, normed_patch_mean=patch_mean)
+    features = {name: build_probe(name, 16, 3, GRID, 1).aggregation(batch) for name in DINOV2}
+    assert torch.equal(features["dinov2_n1"], block_cls[:, 3])
+    assert torch.equal(features["dinov2_n1_avgpool"], torch.cat([block_cls[:, 3], patch_mean], 1))
+    assert torch.equal(features["dinov2_n4"], torch.cat([block_cls[:, i] for i in range(4)], 1))
+    assert torch.equal(features["dinov2_n4_avgpool"], torch.cat([*block_cls.unbind(1), patch_mean], 1))
+    assert build_probe("dinov2_n4_avgpool", 16, 3, GRID, 1).classifier.in_features == 5 * 16
+    short = TokenBatch(batch.tokens, 1, GRID, block_cls=block_cls[:, 3:], normed_patch_mean=patch_mean)
+    with pytest.raises(ValueError, match="last 4 blocks but the TokenBatch carries 1"):
+        build_probe("dinov2_n4", 16, 3, GRID, 1).aggregation(short)
+
+
+def mae_batch_with_everything(images=64):
+    """MAE-like tokens plus attention, an oracle's attention and DINOv2's block summaries at the same scales."""
+    batch, _, _ = mae_like_tokens(images, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    t = 1 + N
+    batch.attn = torch.randn(images, 3, t, t, generator=gen).softmax(-1)
+    batch.oracle_attn = torch.rand(images, N, generator=gen)
+    batch.block_cls = batch.tokens[:, :1].repeat(1, 4, 1) + torch.randn(images, 4, MAE_WIDTH, generator=gen)
+    batch.normed_patch_mean = batch.patches.mean(1)
+    return batch
+
+
+@pytest.mark.parametrize("name", sorted(set(HEADS) - {"cp4", "ca4"}))  # a 4x4 crop does not fit the 3x4 grid
+def test_pooled_features_keep_their_spread_under_bf16_autocast(name):
+    """What BatchNorm normalises must not be rounded to bf16: with channel means 300x the spread across images,
+    bf16's 8-bit mantissa (steps of 2 between 256 and 512) leaves a channel constant or quantisation noise."""
+    batch = mae_batch_with_everything()
+    torch.manual_seed(0)
+    probe = build_probe(name, MAE_WIDTH, 4, GRID, 1, MAE_OPTIONS)
+    seen = []
+    probe.norm.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().float()))
+    with torch.no_grad():
+        probe(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            probe(batch)
+    exact, under_autocast = (features.std(0) for features in seen)  # per channel, across images
+    assert seen[1].dtype == torch.float32
+    torch.testing.assert_close(under_autocast, exact, rtol=1e-3, atol=1e-6)
+
+
+def test_every_parameter_of_every_head_gets_a_gradient():
+    """DDP (without find_unused_parameters) stops at a parameter that never receives one."""
+    batch = mae_batch_with_everything(images=8)
+    for name in sorted(set(HEADS) - {"cp4", "ca4"}):
+        probe = build_probe(name, MAE_WIDTH, 4, GRID, 1, MAE_OPTIONS)
+        probe(batch).sum().backward()
+        assert [n for n, p in probe.named_parameters() if p.requires_grad and p.grad is None] == [], name

@@ -195,8 +195,9 @@ def test_compile_with_an_attention_head_says_it_is_not_applied(tmp_path):
     done = run(*DIGITS, "--cls_features", "cls,attn-mn", "--compile", "--epochs", "1", "--warmup_epochs", "1",
                "--batch_size", "256", "--output_dir", tmp_path / "out")
     notes = [line for line in done.stderr.splitlines() if line.startswith("note: --compile")]
-    assert notes == ["note: --compile is not applied: attn-mn read attention probabilities, which a compiled "
-                     "forward cannot capture; the encoder runs uncompiled"], done.stderr[-2000:]
+    assert notes == ["note: --compile is not applied: attn-mn read attention probabilities or several blocks' "
+                     "tokens, which a compiled forward cannot capture; the encoder runs uncompiled"], \
+        done.stderr[-2000:]
 
 
 def printed_acc1(stdout, name):
@@ -236,6 +237,20 @@ def test_two_process_torchrun_on_cpu_completes_and_logs_once(tmp_path):
     assert done.stdout.count("| probe |") == 1  # the table is printed (and written) by one process only
     assert (out / "results.md").read_text().count("| probe |") == 1
     assert (out / "checkpoint-last.pth").exists()
+
+
+def test_the_peers_heads_and_dinov2s_protocol_train_in_one_bf16_run(tmp_path):
+    out = tmp_path / "peer"
+    heads = ["dinov2_n1", "dinov2_n4_avgpool", "ep_all", "siglip", "cbam", "dolg"]
+    run(*DIGITS, "--cls_features", ",".join(heads), "--blr", "50", "--epochs", "1", "--warmup_epochs", "0",
+        "--train_per_class", "20", "--batch_size", "64", "--amp", "bfloat16", "--ep_d_out", "2",
+        "--output_dir", out)
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["probe"] for r in rows} == {f"{h}_blr50" for h in heads}
+    assert all(0 <= r["best_acc1"] <= 100 for r in rows)
+    probes = last_probes(out)
+    assert probes["heads.2.classifier.weight"].shape == (10, 96)  # ep_all, --ep_d_out 2 on the width 192
+    assert probes["heads.1.classifier.weight"].shape == (10, 5 * 192)  # four blocks' [cls] + the patch mean
 
 
 def test_paper_command_line_parses():

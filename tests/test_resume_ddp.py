@@ -144,7 +144,7 @@ def test_two_process_ddp_matches_one_process_with_twice_the_batch(tmp_path, feat
     # "random": no --finetune, so a random-initialised encoder must also be the same network on every rank.
     data = make_image_folder(tmp_path / "data", classes=2, per_class=24, val_per_class=2)
     encoder = [] if features == "random" else ["--finetune", cls_of_mean_1000(tmp_path / "mae.pth")]
-    heads = "cls,pos,abmilp" if features == "random" else "cls"
+    heads = "cls,pos,abmilp,aim,dolg" if features == "random" else "cls"  # aim, dolg: BatchNorms inside
     common = [*TINY, "--data_path", str(data), "--epochs", "2", "--no_augment", "--cls_features", heads,
               "--head_init", "mae", *encoder]
     env = cli_env(**ONE_THREAD)

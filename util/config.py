@@ -197,6 +197,11 @@ class LinprobeConfig:
     def needs_attention(self):
         return any(HEADS[h].needs_attention for h in self.heads)
 
+    @property
+    def needs_blocks(self):
+        """How many last blocks' [cls] tokens the heads read (0: none)."""
+        return max(HEADS[h].needs_blocks for h in self.heads)
+
     def to_dict(self):
         """A plain, versioned dict (what checkpoints store)."""
         return asdict(self)
@@ -210,14 +215,24 @@ def _probe_specs(heads, lrs, labels):
 
 def _head_options(args, encoder, heads):
     options = HeadOptions.from_args(args)
-    at_least(options.abmilp_depth, "--abmilp_depth", 1)
-    at_least(options.ep_queries, "--ep_queries", 1)
-    at_least(options.map_heads, "--map_heads", 1)
-    width = model_architecture(encoder.model)["embed_dim"]
-    for flag, value, head in (("--ep_queries", options.ep_queries, "ep"), ("--map_heads", options.map_heads, "map")):
-        if head in heads:
-            require(width % value == 0, f"{flag} {value} does not divide the width {width} of {encoder.model} "
-                                        f"(use a divisor of {width}, e.g. {_divisor_near(width, value)})")
+    for flag in ("abmilp_depth", "ep_queries", "ep_d_out", "map_heads", "esimpool_heads", "aim_heads", "jepa_heads"):
+        at_least(getattr(options, flag), f"--{flag}", 1)
+    arch = model_architecture(encoder.model)
+    width = arch["embed_dim"]
+    for head in heads:
+        spec = HEADS[head]
+        if spec.width_divisor is not None:
+            divisor, what = spec.width_divisor(options)
+            remedy = (f"use a divisor of {width}, e.g. {_divisor_near(width, divisor)}" if what.startswith("--")
+                      else f"use another head, or an encoder whose width {divisor} divides")
+            require(width % divisor == 0, f"--cls_features {head}: {what} must divide the width {width} "
+                                          f"of {encoder.model} ({remedy})")
+        if spec.needs_blocks:
+            block = arch["depth"] - 1 if encoder.return_block is None else encoder.return_block % arch["depth"]
+            require(spec.needs_blocks <= block + 1,
+                    f"--cls_features {head} reads the [cls] of the last {spec.needs_blocks} blocks but {encoder.model} "
+                    f"has {block + 1} up to the probed block {block} (use dinov2_n1 heads, or a --return_block of "
+                    f"at least {spec.needs_blocks - 1})")
     return options
 
 
@@ -277,7 +292,7 @@ def resolve_linprobe(args, world_size=1):
     try:
         heads = [resolve_head(name).name for name in args.cls_features.split(",") if name.strip()]
     except ValueError as err:
-        raise UserError(f"{err} (pass --cls_features one or more of them, comma-separated)") from None
+        raise UserError(f"{err} (pass --cls_features one or more heads of README's table, comma-separated)") from None
     require(heads, "--cls_features is empty (name at least one head, e.g. --cls_features cls)")
     if encoder.no_cls_token:
         needs_cls = [h for h in heads if HEADS[h].needs_cls]
