@@ -205,10 +205,18 @@ class TokenPooling(Aggregation):
     """A learned pooler of poolers.py over the patch tokens, or over [cls] and the patch tokens (`with_cls`: the
     peer's `_all` variants; register tokens are left out, as DINOv2's get_intermediate_layers leaves them)."""
 
+    _version = 2  # 1: ep, simpool and map held their parameters directly, before poolers.py (checkpoints of then)
+
     def __init__(self, pooler: poolers.Pooler, with_cls: bool = False):
         super().__init__(pooler.out_dim)
         self.pooler = pooler
         self.with_cls = with_cls
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version", 1) < 2:  # torch's versioned-module hook: rename a version-1 checkpoint
+            for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "pooler.")]:
+                state_dict[prefix + "pooler." + key[len(prefix):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     def forward(self, batch):
         patches = batch.patches

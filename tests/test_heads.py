@@ -480,3 +480,20 @@ def test_every_parameter_of_every_head_gets_a_gradient():
         probe = build_probe(name, MAE_WIDTH, 4, GRID, 1, MAE_OPTIONS)
         probe(batch).sum().backward()
         assert [n for n, p in probe.named_parameters() if p.requires_grad and p.grad is None] == [], name
+
+
+@pytest.mark.parametrize("name", ["ep", "simpool", "map"])
+def test_heads_saved_before_poolers_py_load_into_the_current_module(name):
+    """ep, simpool and map kept their parameters at aggregation.X before the poolers moved to poolers.py
+    (aggregation.pooler.X): a probe saved then (module version 1) loads, with the same weights."""
+    torch.manual_seed(0)
+    probe = build_probe(name, 64, 10, (4, 4), 1)
+    current = probe.state_dict(keep_vars=False)
+    old = {k.replace("aggregation.pooler.", "aggregation."): v for k, v in current.items()}
+    old = type(current)(old)
+    old._metadata = {key.replace("aggregation.pooler", "aggregation"): meta
+                     for key, meta in current._metadata.items() if key != "aggregation.pooler"}
+    old._metadata["aggregation"] = {"version": 1}
+    fresh = build_probe(name, 64, 10, (4, 4), 1)
+    fresh.load_state_dict(old)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in current.items())

@@ -112,6 +112,14 @@ def test_first_difference_ignores_settings_a_checkpoint_does_not_record():
     assert first_difference({"a": 1, "b": 3}, {"a": 1, "b": 2}, ["a", "b"]) == "b"
 
 
+def test_head_options_added_since_a_checkpoint_do_not_make_it_another_experiment():
+    older = {"head_options": {"ep_queries": 32, "map_heads": 8}}
+    now = {"head_options": {"ep_queries": 32, "map_heads": 8, "ep_d_out": 1, "esimpool_heads": 12}}
+    assert first_difference(older, now, ["head_options"]) is None
+    changed = {"head_options": {**now["head_options"], "ep_queries": 16}}
+    assert first_difference(older, changed, ["head_options"]) == "head_options"
+
+
 def test_log_drops_epochs_after_the_checkpoint(tmp_path):
     log = tmp_path / "log.txt"
     log.write_text("".join(json.dumps({"epoch": e, "x": e}) + "\n" for e in range(5)))

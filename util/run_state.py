@@ -198,7 +198,15 @@ STRUCTURE = ("probes", "nb_classes", "classes", "model", "head_options", "return
 
 def first_difference(saved, current, keys):
     """The first of `keys` that `saved` records with another value than `current` (keys it lacks are unknown)."""
-    return next((key for key in keys if key in saved and saved[key] != current.get(key)), None)
+    return next((key for key in keys if key in saved and not _same(key, saved[key], current.get(key))), None)
+
+
+def _same(key, saved, current):
+    if key == "head_options" and isinstance(saved, dict) and isinstance(current, dict):
+        # options added since the checkpoint was written (ep_d_out, esimpool_heads, ...) did not exist then: the
+        # heads it holds were built as those options' defaults build them
+        return all(current.get(name) == value for name, value in saved.items())
+    return saved == current
 
 
 # ------------------------------------------------------------------------------------------------ run state
@@ -248,7 +256,7 @@ class RunState:
         structural = first_difference(saved, self.identity, STRUCTURE)
         if structural:
             raise IdentityMismatch(path, structural, saved.get(structural), self.identity.get(structural))
-        changed = [k for k in self.identity if k in saved and saved[k] != self.identity[k]]
+        changed = [k for k in self.identity if k in saved and not _same(k, saved[k], self.identity[k])]
         if changed and not explicit:
             key = changed[0]
             raise IdentityMismatch(path, key, saved[key], self.identity[key])
