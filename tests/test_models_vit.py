@@ -472,8 +472,15 @@ def test_architecture_of_presets_and_timm_names_without_weights():
     assert architecture("beitv2_base_patch16_224")["family"] == "beit"
     with pytest.raises(ValueError, match="unknown model 'resnet_nonsense'"):
         architecture("resnet_nonsense")
-    with pytest.raises(ValueError, match="'eva02_base_patch14_224' is built from Eva with EvaBlock blocks"):
-        architecture("eva02_base_patch14_224")
+    assert architecture("eva02_base_patch14_224")["family"] == "eva"
+    hiera = architecture("hiera_base_224")
+    assert (hiera["family"], hiera["patch_size"], hiera["embed_dim"], hiera["depth"]) == ("hiera", 32, 768, 24)
+    aimv2 = architecture("aimv2_large_patch14_224")  # SwiGLU: was an AttributeError traceback
+    assert (aimv2["class_token"], aimv2["mlp_ratio"]) == (False, 2816 / 1024)
+    with pytest.raises(ValueError, match="'samvit_base_patch16' is built from VisionTransformerSAM"):
+        architecture("samvit_base_patch16")
+    with pytest.raises(ValueError, match="Block blocks of DiffAttention"):
+        architecture("vit_dwee_patch16_reg1_gap_256")
 
 
 def test_random_init_and_input_size(capsys):
