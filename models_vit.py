@@ -14,6 +14,7 @@ Library code: problems are ValueError / FileNotFoundError with plain messages; t
 """
 import math
 import os
+import re
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -21,13 +22,14 @@ from functools import lru_cache, partial
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import GluMlp, RmsNorm, apply_rot_embed_cat
+from timm.layers import GluMlp, RmsNorm, SwiGLUPacked, apply_rot_embed_cat
 from timm.layers.attention import Attention as ViTAttention
 from timm.layers.attention import AttentionRope
 from timm.models import beit as timm_beit
 from timm.models import eva as timm_eva
 from timm.models import hiera as timm_hiera
 from timm.models import is_model_pretrained
+from timm.models import naflexvit as timm_naflexvit
 from timm.models import vision_transformer as timm_vit
 from timm.models.beit import Beit
 from timm.models.eva import Eva
@@ -46,6 +48,7 @@ MODELS = {
     "vit_small_patch16": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
     "vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
     "vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "vit_large_patch14": dict(patch_size=14, embed_dim=1024, depth=24, num_heads=16),  # CAPI, Franca, DINOv2 ViT-L
     "vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
     "vit_small_patch16_mocov3": dict(patch_size=16, embed_dim=384, depth=12, num_heads=12),  # MoCo v3 ViT-S: 12 heads
     "vit_base_patch16_mocov3": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
@@ -53,7 +56,8 @@ MODELS = {
 }
 MAE_DEFAULTS = dict(mlp_ratio=4.0, qkv_bias=True)
 # Parts of a release's model that are not its encoder (decoders, projection/prediction heads, mask tokens).
-NOT_ENCODER = ("decoder", "mask_token", "head.", "fc_norm.", "lm_head.", "cls_pt_", "masked_embed", "pre_logits.")
+NOT_ENCODER = ("decoder", "mask_token", "head.", "fc_norm.", "lm_head.", "cls_pt_", "masked_embed", "pre_logits.",
+               "attn_pool.")
 
 
 # ---------------------------------------------------------------- encoders
@@ -223,7 +227,7 @@ def _as_encoder(net, name, final_norm=False, input_size=None, cls=None):
         net.has_class_token = net.cls_token is not None
         net.num_reg_tokens = 0 if net.reg_token is None else net.reg_token.shape[1]
     if final_norm and isinstance(getattr(net, "norm", None), (nn.Identity, type(None))):
-        raise ValueError(f"timm model '{name}' has no final norm over its tokens to apply"
+        raise release_layouts.NoFinalNorm(f"timm model '{name}' has no final norm over its tokens to apply"
                          + (" (Hiera normalises only its pooled vector, head.norm)" if cls is HieraEncoder else ""))
     return net
 
@@ -286,8 +290,21 @@ def _mlp_hidden(mlp):
     return mlp.fc1.out_features // (2 if isinstance(mlp, GluMlp) else 1)
 
 
-def _structure(state):
-    """Architecture choices a checkpoint's keys reveal, in release key names (the sizes come from the name)."""
+def _structure(found, model, depth):
+    """(family, structure): the encoder family a checkpoint needs, and for a preset the architecture choices
+    its keys reveal (release key names; the sizes come from the name). Keys the preset requires must be there:
+    a missing position embedding or missing qkv biases are refused, never built as an encoder without them."""
+    state, preset = found.state, model in MODELS
+    if found.family == "capi":
+        if not preset:
+            raise ValueError(f"{found.description} is a CAPI encoder, which timm has no architecture for: pass "
+                             "the preset of its size as --model (vit_large_patch14 for CAPI's ViT-L/14)")
+        return "capi", dict(reg_tokens=state["registers"].shape[1] if "registers" in state else 0)
+    if found.family == "eva":
+        if preset or architecture(model)["family"] != "eva":
+            raise ValueError(f"{found.description} needs its timm architecture (rotary embedding settings are not "
+                             f"stored in the file): pass {_suggest_eva(found)} as --model")
+        return "eva", {}
     cls = "cls_token" in state
     registers = state.get("register_tokens", state.get("reg_token"))
     regs = 0 if registers is None else registers.shape[1]
@@ -295,16 +312,49 @@ def _structure(state):
         if not cls:
             raise ValueError("a BEiT-style encoder (relative position bias, q/v biases) needs a [cls] token, "
                              "and this checkpoint has none")
+        if preset:
+            has_position = "pos_embed" in state or any(k.endswith("relative_position_bias_table") for k in state)
+            _require(found, model, [f"blocks.{i}.attn.{b}_bias" for i in range(depth) for b in "qv"]
+                     + ([] if has_position else ["pos_embed or a relative_position_bias_table"]))
         return "beit", dict(qkv_bias="blocks.0.attn.q_bias" in state,
                             init_values=1.0 if "blocks.0.gamma_1" in state else None,
                             use_abs_pos_emb="pos_embed" in state,
                             use_rel_pos_bias="blocks.0.attn.relative_position_bias_table" in state,
                             use_shared_rel_pos_bias="rel_pos_bias.relative_position_bias_table" in state,
                             use_fc_norm=False)
+    if preset:
+        _require(found, model, ["pos_embed"] + [f"blocks.{i}.attn.qkv.bias" for i in range(depth)])
     layer_scale = "blocks.0.ls1.gamma" in state or "blocks.0.gamma_1" in state
-    return "vit", dict(class_token=cls, reg_tokens=regs, no_embed_class=_no_embed_class(state, cls + regs),
-                       init_values=1.0 if layer_scale else None, qkv_bias="blocks.0.attn.qkv.bias" in state,
-                       pos_embed="learn" if "pos_embed" in state else "none", pre_norm="norm_pre.weight" in state)
+    structure = dict(class_token=cls, reg_tokens=regs, no_embed_class=_no_embed_class(state, cls + regs),
+                     init_values=1.0 if layer_scale else None, qkv_bias=True, pos_embed="learn",
+                     pre_norm="norm_pre.weight" in state)
+    if "blocks.0.mlp.w12.weight" in state:  # DINOv2's fused SwiGLU (ViT-g, Franca): timm's packed GluMlp
+        dim, ratio = state["blocks.0.mlp.w12.weight"].shape[1], MODELS[model].get("mlp_ratio", 4.0)
+        hidden = (int(dim * ratio * 2 / 3) + 7) // 8 * 8  # DINOv2 layers/swiglu_ffn.py SwiGLUFFNFused
+        structure.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, mlp_ratio=2 * hidden / dim)
+    return "vit", structure
+
+
+def _require(found, model, keys):
+    """MissingKeys naming the keys of `keys` that the checkpoint lacks."""
+    missing = [k for k in keys if " or " in k or k not in found.state]
+    if missing:
+        raise release_layouts.MissingKeys(
+            f"{found.description} lacks keys the {model} preset requires: {_clip(missing)} (the preset is a ViT "
+            "with a learned position embedding and qkv biases, as every release it reads; a checkpoint without "
+            "them is another architecture)")
+
+
+def _suggest_eva(found):
+    """The timm names whose size fits the checkpoint, for a message (or the family's pattern)."""
+    patch = next((found.state[k] for k in ("patch_embed.proj.weight", "conv1.weight") if k in found.state), None)
+    pattern = {"DINOv3": "vit_*_dinov3*", "EVA02": "eva02_*", "PE (Perception Encoder)": "vit_pe_*"}.get(
+        found.layout, "a timm Eva name")
+    if patch is None or pattern == "a timm Eva name":
+        return pattern
+    fits = [n for n in timm.list_models(pattern) if _timm_architecture(n)["embed_dim"] == patch.shape[0]
+            and _timm_architecture(n)["patch_size"] == patch.shape[-1]]
+    return " or ".join(fits[:4]) if fits else f"a timm name matching {pattern}"
 
 
 def _no_embed_class(state, prefix):
@@ -433,19 +483,30 @@ def _random_encoder(model, spec, arch, input_size, no_cls_token, final_norm):
 
 
 def _load_file(model, arch, path, checkpoint_key, input_size, no_cls_token, final_norm, simmim):
-    found = release_layouts.find_encoder(load_checkpoint(path), path, checkpoint_key)
+    found = release_layouts.find_encoder(_read(path), path, checkpoint_key)
     if simmim and found.layout not in ("SimMIM", "BEiT/BEiT-v2"):
         raise ValueError(f"{found.description} is not a SimMIM/BEiT checkpoint (SimMIM files are recognised "
                          "without being named)")
-    if no_cls_token and "cls_token" in found.state:
+    if no_cls_token and ("cls_token" in found.state or "class_embedding" in found.state):
         raise ValueError(f"{found.description} has a [cls] token (cls_token); an encoder without one was asked for")
-    family, structure = _structure(found.state)
+    family, structure = _structure(found, model, architecture(model, **arch)["depth"])
     encoder = _new_encoder(model, arch, input_size, family, structure, final_norm)
-    notes = _load_state(encoder, found.state, found.description, model)
+    notes = _load_state(encoder, found, model)
     norm = "after" if final_norm else "before"
     summary = (f"loaded {found.description}: {len(found.state)} tensors into {model}, {input_size}px, "
                f"grid {encoder.grid_size}, {_prefix_words(encoder)}{notes}; tokens {norm} the final norm")
     return encoder, summary
+
+
+def _read(path):
+    """load_checkpoint, with a truncated file or a pickled list/tensor/array named for what it is."""
+    try:
+        return load_checkpoint(path)
+    except ValueError as err:
+        better = release_layouts.classify_unreadable(path) if os.path.isfile(path) else None
+        if better is None:
+            raise
+        raise better from err
 
 
 def _prefix_words(encoder):
@@ -455,41 +516,112 @@ def _prefix_words(encoder):
     return " + ".join(words)
 
 
-def _load_state(encoder, state, source, model):
-    """Convert `state` (release key names) with timm's converter and load it strictly; returns summary notes."""
+def _load_state(encoder, found, model):
+    """Convert the release's keys with timm's converter and load them strictly; returns summary notes."""
+    state, source = found.state, found.description
     expected = encoder.state_dict()
     misfit = partial(_misfit, source=source, model=model, original=state)
     if _core_mismatch(state, encoder):  # caught before timm's converter would resample a wrong patch size
         raise misfit(state, expected)
     try:
-        converted = _to_timm(state, encoder)
-    except (RuntimeError, ValueError, AssertionError):  # e.g. a position embedding of no square grid
+        converted = _to_timm(state, encoder, found)
+    except (RuntimeError, ValueError, AssertionError, KeyError):  # e.g. a position embedding of no square grid
         raise misfit(state, expected) from None
     converted = {k: v for k, v in converted.items() if not k.startswith(NOT_ENCODER)}
-    if "norm.weight" not in converted:  # SimMIM/BEiT with mean pooling, fine-tuned backbones: no final norm
+    if "norm.weight" not in converted and "norm.weight" in expected:  # SimMIM/BEiT with mean pooling: no norm
         if encoder.final_norm:
-            raise ValueError(f"{source} has no final norm (norm.weight) to apply")
+            raise release_layouts.NoFinalNorm(f"{source} has no final norm (norm.weight) to apply")
         encoder.norm = nn.Identity()
         expected = encoder.state_dict()
     if _problems(converted, expected):
         raise misfit(converted, expected)
     _check_finite(converted, source)
     encoder.load_state_dict(converted, strict=True)
+    if "rope_embed.periods" in state:  # DINOv3: see _dinov3_state
+        encoder.rope.periods.copy_(state["rope_embed.periods"].float())
+        if encoder.rope.feat_shape is not None:
+            encoder.rope._cache_embed(encoder.rope.feat_shape)  # the cached grid embedding, from those periods
     return _resize_notes(state, converted, encoder)
 
 
-def _to_timm(state, encoder):
+def _to_timm(state, encoder, found):
     state = dict(state)  # timm's converters pop entries
+    if isinstance(encoder, CapiEncoder):
+        return _capi_state(state, encoder)
+    if isinstance(encoder, EvaEncoder):
+        # MIM leftovers go first: with EVA02's mask_token present timm would move the final norm to fc_norm
+        state = {k: v for k, v in state.items() if not k.startswith(NOT_ENCODER)}
+        if found.layout == "DINOv3":
+            state = _dinov3_state(state, encoder, found.description)
+        # PE resamples its position table bilinearly without antialiasing (pe.py _sample_abs_posemb)
+        resample = dict(interpolation="bilinear", antialias=False) if found.layout.startswith("PE") else {}
+        return timm_eva.checkpoint_filter_fn(state, encoder, **resample)
+    if isinstance(encoder, HieraEncoder):
+        return timm_hiera.checkpoint_filter_fn(state, encoder)
+    if isinstance(encoder, NaFlexEncoder):
+        return timm_naflexvit.checkpoint_filter_fn(state, encoder)
     if isinstance(encoder, BeitEncoder):
         return timm_beit.checkpoint_filter_fn(state, encoder)
     return timm_vit.checkpoint_filter_fn(state, encoder, adapt_layer_scale=True)  # gamma_N -> lsN.gamma (iBOT)
 
 
+def _dinov3_state(state, encoder, source):
+    """DINOv3 release keys before timm's converter. timm's `*_dinov3` names without `_qkvb` have no qkv bias (the
+    released biases are zero); its converter would drop non-zero ones silently, so they are refused here. The
+    release's rope periods are read from the file after loading: its own forward uses the stored (bf16-rounded)
+    periods, while timm recomputes exact ones."""
+    biases = [k for k in state if k.endswith("attn.qkv.bias")]
+    if biases and encoder.blocks[0].attn.q_bias is None:
+        masked = [state[k] * state.get(k.replace(".bias", ".bias_mask"), torch.ones_like(state[k])) for k in biases]
+        if any(b.abs().max() > 0 for b in masked):
+            raise ValueError(f"{source} holds non-zero qkv biases, which this timm architecture has no place for "
+                             "(use the `_qkvb` variant of the --model name)")
+        state = {k: v for k, v in state.items() if k not in biases}
+    return state
+
+
+def _capi_state(state, encoder):
+    """CAPI's encoder keys (model.py: encoder.blocks.N.residual1/2 with norm and fn) as timm Eva keys; biases
+    CAPI's code does not have are zero; per-block rope frequencies gathered into `rope_freqs`. Keys left over
+    (other than the decoder and the clustering head) make the load fail as unexpected keys."""
+    renames = [(r"^patch_embed\.(weight|bias)$", r"patch_embed.proj.\1"), (r"^registers$", "reg_token"),
+               (r"^encoder\.blocks\.(\d+)\.residual1\.norm\.", r"blocks.\1.norm1."),
+               (r"^encoder\.blocks\.(\d+)\.residual1\.fn\.(q_proj|k_proj|v_proj|proj)\.", r"blocks.\1.attn.\2."),
+               (r"^encoder\.blocks\.(\d+)\.residual2\.norm\.", r"blocks.\1.norm2."),
+               (r"^encoder\.blocks\.(\d+)\.residual2\.fn\.(fc1|fc2)\.", r"blocks.\1.mlp.\2.")]
+    out, freqs = {}, {}
+    for key, value in state.items():
+        if key.startswith(("decoder.", "mask_token", "dec_norm.")):
+            continue
+        rope = re.match(r"^encoder\.blocks\.(\d+)\.residual1\.fn\.rope\.freqs$", key)
+        if rope:
+            freqs[int(rope.group(1))] = value
+            continue
+        for pattern, target in renames:
+            if re.match(pattern, key):
+                key = re.sub(pattern, target, key)
+                break
+        out[key] = value
+    if sorted(freqs) != list(range(encoder.depth)):
+        raise KeyError("rope frequencies")
+    out["rope_freqs"] = torch.stack([freqs[i] for i in range(encoder.depth)])
+    zero_biases = [f"blocks.{i}.{m}.bias" for i in range(encoder.depth) for m in ("attn.proj", "mlp.fc1", "mlp.fc2")]
+    expected = encoder.state_dict()
+    out.update({k: torch.zeros_like(expected[k]) for k in zero_biases if k not in out})
+    return out
+
+
+PATCH_KEYS = ("patch_embed.proj.weight", "conv1.weight", "patch_embed.weight", "embeds.proj.weight")
+CLS_KEYS = ("cls_token", "class_embedding")
+REGISTER_KEYS = ("register_tokens", "reg_token", "storage_tokens", "registers")
+
+
 def _core_mismatch(state, encoder):
-    patch = state.get("patch_embed.proj.weight")
-    registers = state.get("register_tokens", state.get("reg_token"))
-    return (patch is None or patch.shape != encoder.patch_embed.proj.weight.shape
-            or ("cls_token" in state) != bool(encoder.has_class_token)
+    patch = next((state[k] for k in PATCH_KEYS if k in state), None)
+    own = encoder.embeds.proj.weight if isinstance(encoder, NaFlexEncoder) else encoder.patch_embed.proj.weight
+    registers = next((state[k] for k in REGISTER_KEYS if k in state), None)
+    return (patch is None or patch.shape != own.shape
+            or any(k in state for k in CLS_KEYS) != bool(encoder.has_class_token)
             or (0 if registers is None else registers.shape[1]) != encoder.num_reg_tokens)
 
 
@@ -538,7 +670,7 @@ def _load_timm_pretrained(model, spec, name, input_size, no_cls_token, final_nor
     if not timm.is_model(name):
         raise FileNotFoundError(f"'{name}' is no file and an unknown timm model")
     if not is_model_pretrained(name):
-        raise ValueError(f"timm model '{name}' has no pretrained weights")
+        raise release_layouts.NoPretrainedWeights(f"timm model '{name}' has no pretrained weights")
     weights = _timm_architecture(name)
     differ = [f"{k} {weights[k]} vs {spec[k]}" for k in ("patch_size", "embed_dim", "depth", "num_heads")
               if weights[k] != spec[k]]
