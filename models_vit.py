@@ -22,7 +22,7 @@ from functools import lru_cache, partial
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import GluMlp, RmsNorm, SwiGLUPacked, apply_rot_embed_cat
+from timm.layers import GluMlp, RmsNorm, SwiGLUPacked, apply_rot_embed_cat, resample_abs_pos_embed
 from timm.layers.attention import Attention as ViTAttention
 from timm.layers.attention import AttentionRope
 from timm.models import beit as timm_beit
@@ -465,7 +465,7 @@ def _capi_encoder(sizes, structure, common, model, final_norm):
     net = Eva(patch_size=sizes["patch_size"], embed_dim=sizes["embed_dim"], depth=sizes["depth"],
               num_heads=sizes["num_heads"], mlp_ratio=sizes["mlp_ratio"], qkv_bias=False, qkv_fused=False,
               class_token=False, num_reg_tokens=structure["reg_tokens"], use_abs_pos_emb=False,
-              norm_layer=partial(RmsNorm, eps=1e-5), **common)
+              rope_rotate_half=True, norm_layer=partial(RmsNorm, eps=1e-5), **common)  # CAPI rotates halves
     net.norm = RmsNorm(sizes["embed_dim"], eps=1e-5, affine=False)  # CAPI's enc_norm has no weight
     for block in net.blocks:
         block.attn.num_prefix_tokens = 0
@@ -490,6 +490,9 @@ def _load_file(model, arch, path, checkpoint_key, input_size, no_cls_token, fina
     if no_cls_token and ("cls_token" in found.state or "class_embedding" in found.state):
         raise ValueError(f"{found.description} has a [cls] token (cls_token); an encoder without one was asked for")
     family, structure = _structure(found, model, architecture(model, **arch)["depth"])
+    if found.layout.startswith("PE"):  # PE's Rope2D counts positions on the grid it sees (pe.py update_grid);
+        side = input_size // architecture(model, **arch)["patch_size"]  # timm rescales them to ref_feat_shape
+        arch = {**arch, "ref_feat_shape": (side, side)}
     encoder = _new_encoder(model, arch, input_size, family, structure, final_norm)
     notes = _load_state(encoder, found, model)
     norm = "after" if final_norm else "before"
@@ -523,6 +526,8 @@ def _load_state(encoder, found, model):
     misfit = partial(_misfit, source=source, model=model, original=state)
     if _core_mismatch(state, encoder):  # caught before timm's converter would resample a wrong patch size
         raise misfit(state, expected)
+    if found.layout == "DINOv3" and isinstance(encoder, EvaEncoder):
+        state = _dinov3_state(state, encoder, source)
     try:
         converted = _to_timm(state, encoder, found)
     except (RuntimeError, ValueError, AssertionError, KeyError):  # e.g. a position embedding of no square grid
@@ -551,11 +556,15 @@ def _to_timm(state, encoder, found):
     if isinstance(encoder, EvaEncoder):
         # MIM leftovers go first: with EVA02's mask_token present timm would move the final norm to fc_norm
         state = {k: v for k, v in state.items() if not k.startswith(NOT_ENCODER)}
-        if found.layout == "DINOv3":
-            state = _dinov3_state(state, encoder, found.description)
-        # PE resamples its position table bilinearly without antialiasing (pe.py _sample_abs_posemb)
-        resample = dict(interpolation="bilinear", antialias=False) if found.layout.startswith("PE") else {}
-        return timm_eva.checkpoint_filter_fn(state, encoder, **resample)
+        converted = timm_eva.checkpoint_filter_fn(state, encoder)
+        pos = converted.get("pos_embed")
+        if found.layout.startswith("PE") and pos is not None and pos.shape != encoder.pos_embed.shape:
+            # timm's PE converter keeps the pretraining grid; PE resamples bilinearly without antialiasing
+            # (pe.py _sample_abs_posemb), which timm's resampler does when told so
+            converted["pos_embed"] = resample_abs_pos_embed(
+                pos, new_size=encoder.grid_size, num_prefix_tokens=encoder.num_prefix_tokens,
+                interpolation="bilinear", antialias=False)
+        return converted
     if isinstance(encoder, HieraEncoder):
         return timm_hiera.checkpoint_filter_fn(state, encoder)
     if isinstance(encoder, NaFlexEncoder):

@@ -75,7 +75,8 @@ def _entry(checkpoint, key):
 def _keys(checkpoint, *entries):
     """Keys of the first of `entries` the file holds as a dict (None: the file itself), `module.` removed."""
     for entry in entries:
-        holder = checkpoint if entry is None else _entry(checkpoint, entry)
+        holder = (checkpoint if all(torch.is_tensor(v) for v in checkpoint.values()) else {}) if entry is None \
+            else _entry(checkpoint, entry)
         if holder:
             return [k.removeprefix("module.") for k in holder]
     return []
