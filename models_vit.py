@@ -290,7 +290,7 @@ def _mlp_hidden(mlp):
     return mlp.fc1.out_features // (2 if isinstance(mlp, GluMlp) else 1)
 
 
-def _structure(found, model, depth):
+def _structure(found, model):
     """(family, structure): the encoder family a checkpoint needs, and for a preset the architecture choices
     its keys reveal (release key names; the sizes come from the name). Keys the preset requires must be there:
     a missing position embedding or missing qkv biases are refused, never built as an encoder without them."""
@@ -314,7 +314,7 @@ def _structure(found, model, depth):
                              "and this checkpoint has none")
         if preset:
             has_position = "pos_embed" in state or any(k.endswith("relative_position_bias_table") for k in state)
-            _require(found, model, [f"blocks.{i}.attn.{b}_bias" for i in range(depth) for b in "qv"]
+            _require(found, model, [f"blocks.{i}.attn.{b}_bias" for i in _block_indices(state) for b in "qv"]
                      + ([] if has_position else ["pos_embed or a relative_position_bias_table"]))
         return "beit", dict(qkv_bias="blocks.0.attn.q_bias" in state,
                             init_values=1.0 if "blocks.0.gamma_1" in state else None,
@@ -323,7 +323,7 @@ def _structure(found, model, depth):
                             use_shared_rel_pos_bias="rel_pos_bias.relative_position_bias_table" in state,
                             use_fc_norm=False)
     if preset:
-        _require(found, model, ["pos_embed"] + [f"blocks.{i}.attn.qkv.bias" for i in range(depth)])
+        _require(found, model, ["pos_embed"] + [f"blocks.{i}.attn.qkv.bias" for i in _block_indices(state)])
     layer_scale = "blocks.0.ls1.gamma" in state or "blocks.0.gamma_1" in state
     structure = dict(class_token=cls, reg_tokens=regs, no_embed_class=_no_embed_class(state, cls + regs),
                      init_values=1.0 if layer_scale else None, qkv_bias=True, pos_embed="learn",
@@ -333,6 +333,11 @@ def _structure(found, model, depth):
         hidden = (int(dim * ratio * 2 / 3) + 7) // 8 * 8  # DINOv2 layers/swiglu_ffn.py SwiGLUFFNFused
         structure.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, mlp_ratio=2 * hidden / dim)
     return "vit", structure
+
+
+def _block_indices(state):
+    """The block indices a checkpoint holds (a depth that differs from the model's is a misfit, named later)."""
+    return sorted({int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()})
 
 
 def _require(found, model, keys):
@@ -489,7 +494,7 @@ def _load_file(model, arch, path, checkpoint_key, input_size, no_cls_token, fina
                          "without being named)")
     if no_cls_token and ("cls_token" in found.state or "class_embedding" in found.state):
         raise ValueError(f"{found.description} has a [cls] token (cls_token); an encoder without one was asked for")
-    family, structure = _structure(found, model, architecture(model, **arch)["depth"])
+    family, structure = _structure(found, model)
     if found.layout.startswith("PE"):  # PE's Rope2D counts positions on the grid it sees (pe.py update_grid);
         side = input_size // architecture(model, **arch)["patch_size"]  # timm rescales them to ref_feat_shape
         arch = {**arch, "ref_feat_shape": (side, side)}

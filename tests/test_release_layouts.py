@@ -7,13 +7,17 @@ them); nothing downloads. BEYOND_CLS_DIFF_LOG=<file> collects the max abs differ
 """
 import argparse
 
+import numpy as np
 import pytest
 import reference_vits as ref
 import torch
 from test_models_vit import assert_matches, images
 
+import models_vit
 from models_vit import build_encoder, capture_attention
 from util import release_layouts
+from util.cli import ENCODER_REMEDIES
+from util.errors import UserError, user_errors
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=2)
 
@@ -144,3 +148,117 @@ def test_franca_release_matches_its_own_forward(tmp_path, capsys):
     x = images(42)
     prenorm, normed = ref.franca_forward(sd, x, 2)
     check_tokens("Franca", enc, x, prenorm, normed)
+
+
+# ---------------------------------------------------------------- issue 24: required keys, two layouts, remedies
+
+def mae_file(path, **changes):
+    sd = ref.vit_state(0)
+    for key in changes.get("drop", ()):
+        sd = {k: v for k, v in sd.items() if not (k == key or k.endswith(key))}
+    torch.save({"model": sd, "epoch": 1}, path)
+    return path
+
+
+@pytest.mark.parametrize("drop,named", [(["pos_embed"], "pos_embed"),
+                                        ([".attn.qkv.bias"], "blocks.0.attn.qkv.bias, blocks.1.attn.qkv.bias")])
+def test_keys_the_preset_requires_must_be_present(tmp_path, drop, named):
+    """Issue 24.1: a file without pos_embed, or without every qkv bias, built an encoder without them."""
+    path = mae_file(tmp_path / "mae.pth", drop=drop)
+    with pytest.raises(release_layouts.MissingKeys, match=f"lacks keys the vit_tiny_patch16 preset requires: {named}"):
+        build_encoder("vit_tiny_patch16", str(path), input_size=32, patch_size=8, embed_dim=64, depth=2,
+                      num_heads=2)
+    sd = ref.beit_state(rel="shared")
+    torch.save({"model": {k: v for k, v in sd.items() if not k.endswith("q_bias")}}, tmp_path / "beit.pth")
+    with pytest.raises(release_layouts.MissingKeys, match="blocks.0.attn.q_bias, blocks.1.attn.q_bias"):
+        build_encoder("vit_tiny_patch16", str(tmp_path / "beit.pth"), input_size=32, patch_size=8, embed_dim=64,
+                      depth=2, num_heads=2)
+
+
+def test_file_with_two_layouts_names_the_other(tmp_path, capsys):
+    """Issue 24.14: MAE 'model' + MoCo v3 'state_dict', DINO 'teacher' + MAE 'model': the one taken and the
+    other one are both named, and --checkpoint_key reads the other one in its own layout."""
+    mae, moco = ref.vit_state(0), ref.vit_state(1)
+    torch.save({"model": mae, "state_dict": ref.prefixed("module.base_encoder.", moco)}, tmp_path / "two.pth")
+    x = images()
+    enc = build_encoder("vit_tiny_patch16", str(tmp_path / "two.pth"), input_size=32, patch_size=8, embed_dim=64,
+                        depth=2, num_heads=2)
+    out = capsys.readouterr().out
+    assert "MoCo v3 checkpoint" in out and "also holds a MAE encoder in 'model' (--checkpoint_key model" in out
+    other = build_encoder("vit_tiny_patch16", str(tmp_path / "two.pth"), input_size=32, checkpoint_key="model",
+                          patch_size=8, embed_dim=64, depth=2, num_heads=2)
+    out = capsys.readouterr().out
+    assert "loaded MAE checkpoint" in out and "sub-model 'model'" in out
+    assert "also holds a MoCo v3 encoder in 'state_dict'" in out
+    with torch.no_grad():
+        assert_matches("two layouts: MoCo", enc.forward_tokens(x), ref.vit_forward(moco, x, 2))
+        assert_matches("two layouts: MAE", other.forward_tokens(x), ref.vit_forward(mae, x, 2))
+    torch.save({"teacher": ref.prefixed("backbone.", ref.vit_state(2)), "model": mae}, tmp_path / "dino_mae.pth")
+    found = release_layouts.find_encoder(torch.load(tmp_path / "dino_mae.pth"), "dino_mae.pth")
+    assert found.layout == "DINO/iBOT/DINOv2 training" and found.others == (("model", "MAE"),)
+
+
+def test_mocov3_without_ddp_prefix(tmp_path, capsys):
+    """Issue 24.14: a MoCo v3 file saved without DDP (no `module.`) could not be read at all."""
+    base, momentum = ref.vit_state(20), ref.vit_state(21)
+    torch.save({"epoch": 3, "state_dict": {**ref.prefixed("base_encoder.", base),
+                                           **ref.prefixed("momentum_encoder.", momentum)}}, tmp_path / "moco.pth")
+    x = images()
+    for key, sd in ((None, base), ("base_encoder", base), ("momentum_encoder", momentum)):
+        enc = build_encoder("vit_tiny_patch16", str(tmp_path / "moco.pth"), input_size=32, checkpoint_key=key,
+                            patch_size=8, embed_dim=64, depth=2, num_heads=2)
+        assert f"MoCo v3 checkpoint {tmp_path / 'moco.pth'}, sub-model '{key or 'base_encoder'}'" in \
+            capsys.readouterr().out
+        with torch.no_grad():
+            assert_matches(f"MoCo v3 without module. ({key})", enc.forward_tokens(x), ref.vit_forward(sd, x, 2))
+
+
+def remedy_of(build):
+    """The `(what to do)` part of the one line the entry points print for build()'s error."""
+    with pytest.raises(UserError) as err, user_errors(ENCODER_REMEDIES):
+        build()
+    return str(err.value).rsplit(" (", 1)[1]
+
+
+def test_each_loader_error_has_its_own_remedy(tmp_path, monkeypatch):
+    """Issue 24.15: one remedy ('pick the --model that matches...') was attached to every loader error."""
+    tiny = dict(input_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+    sd = ref.vit_state(0)
+    torch.save({"model": {k: v for k, v in sd.items() if not k.startswith("norm.")}}, tmp_path / "nonorm.pth")
+    torch.save([sd["pos_embed"]], tmp_path / "list.pth")
+    torch.save(sd["pos_embed"], tmp_path / "tensor.pth")
+    torch.save({"model": sd}, tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[:len(data) // 2])
+    monkeypatch.setattr(models_vit, "is_model_pretrained", lambda name: False)
+    no_pos = mae_file(tmp_path / "no_pos.pth", drop=["pos_embed"])
+    remedies = {
+        "no final norm": remedy_of(lambda: build_encoder("vit_tiny_patch16", str(tmp_path / "nonorm.pth"),
+                                                         final_norm=True, **tiny)),
+        "timm tag without weights": remedy_of(lambda: build_encoder("vit_tiny_patch16", "vit_tiny_patch16_224.nope",
+                                                                    **tiny)),
+        "list": remedy_of(lambda: build_encoder("vit_tiny_patch16", str(tmp_path / "list.pth"), **tiny)),
+        "tensor": remedy_of(lambda: build_encoder("vit_tiny_patch16", str(tmp_path / "tensor.pth"), **tiny)),
+        "truncated": remedy_of(lambda: build_encoder("vit_tiny_patch16", str(tmp_path / "truncated.pth"), **tiny)),
+        "missing keys": remedy_of(lambda: build_encoder("vit_tiny_patch16", str(no_pos), **tiny)),
+        "another architecture": remedy_of(lambda: build_encoder("vit_small_patch16", str(tmp_path / "full.pth"),
+                                                                input_size=32)),
+    }
+    assert remedies["no final norm"].startswith("drop --final_norm")
+    assert "timm.list_pretrained()" in remedies["timm tag without weights"]
+    assert remedies["list"] == remedies["tensor"] and "torch.save(model.state_dict(), path)" in remedies["list"]
+    assert remedies["truncated"].startswith("copy or download the file again")
+    assert "timm name of the checkpoint's architecture" in remedies["missing keys"]
+    assert len(set(remedies.values())) == len(remedies) - 1, remedies  # list and tensor share theirs
+
+
+def test_unreadable_files_are_named_for_what_they_are(tmp_path):
+    torch.save({"model": ref.vit_state(0)}, tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[:len(data) - 100])
+    with pytest.raises(release_layouts.TruncatedCheckpoint, match="truncated.pth is a truncated torch checkpoint"):
+        build_encoder("vit_tiny_patch16", str(tmp_path / "truncated.pth"))
+    for obj, words in (([1, 2], "a list"), (torch.zeros(3), "a tensor"), (np.zeros(3), "a numpy array")):
+        torch.save(obj, tmp_path / "x.pth")
+        with pytest.raises(release_layouts.NotAStateDict, match=f"x.pth holds {words}, not a dict"):
+            build_encoder("vit_tiny_patch16", str(tmp_path / "x.pth"))

@@ -17,12 +17,21 @@ from util.checkpoint import NonFiniteWeights
 from util.data import find_bad_image
 from util.dist import RendezvousError, launch_env
 from util.errors import UserError, user_errors
+from util.release_layouts import MissingKeys, NoFinalNorm, NoPretrainedWeights, NotAStateDict, TruncatedCheckpoint
 from util.run_state import OutputDirBusy, lock_output_dir
 
 INTERRUPTED_EXIT = 130
 # What a user should do when reading the --finetune encoder or writing a result fails (first matching type wins).
 ENCODER_REMEDIES = {FileNotFoundError: "check the --finetune path", IsADirectoryError: "pass a checkpoint file",
                     NonFiniteWeights: "use a checkpoint saved before the run diverged",
+                    NoFinalNorm: "drop --final_norm: these tokens have no final norm to apply",
+                    NoPretrainedWeights: "pick a name that timm.list_pretrained() lists, or a checkpoint file, "
+                                         "as --finetune",
+                    NotAStateDict: "pass the file that holds the weights, e.g. one written by "
+                                   "torch.save(model.state_dict(), path)",
+                    TruncatedCheckpoint: "copy or download the file again: it stops before its end",
+                    MissingKeys: "pass the timm name of the checkpoint's architecture as --model, or a complete "
+                                 "checkpoint",
                     ValueError: "pick the --model that matches the checkpoint, or set --checkpoint_key",
                     OSError: "check the --finetune path"}
 SAVE_REMEDIES = {OSError: "free some disk space, or pass another --output_dir"}
