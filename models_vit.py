@@ -576,7 +576,28 @@ def _to_timm(state, encoder, found):
         return timm_naflexvit.checkpoint_filter_fn(state, encoder)
     if isinstance(encoder, BeitEncoder):
         return timm_beit.checkpoint_filter_fn(state, encoder)
+    if found.layout in DINO_CODE and "pos_embed" in state:
+        state["pos_embed"] = _dino_resample(state["pos_embed"], encoder.grid_size)
     return timm_vit.checkpoint_filter_fn(state, encoder, adapt_layer_scale=True)  # gamma_N -> lsN.gamma (iBOT)
+
+
+# Layouts written by DINO's code (DINO, iBOT, DINOv2, Franca), which resample their position table themselves.
+DINO_CODE = ("DINO/iBOT/DINOv2 training", "DINOv2 training (fvcore)", "DINOv2")
+
+
+def _dino_resample(pos_embed, grid):
+    """[cls] + patch table resampled as DINO/iBOT/DINOv2's `interpolate_pos_encoding` does at every forward:
+    bicubic, no antialiasing, scale factor (n + 0.1) / M. Hand-written because timm's resampler takes an output
+    size (not DINO's offset scale factor) and antialiases when shrinking: DINOv2's 37x37 table at 224 px would
+    differ by several percent of its spread."""
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
+    side = math.isqrt(patches.shape[1])
+    if side * side != patches.shape[1] or (side, side) == tuple(grid):
+        return pos_embed
+    table = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    table = F.interpolate(table, scale_factor=((grid[0] + 0.1) / side, (grid[1] + 0.1) / side), mode="bicubic",
+                          antialias=False)
+    return torch.cat([cls, table.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)], dim=1)
 
 
 def _dinov3_state(state, encoder, source):

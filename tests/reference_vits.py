@@ -611,3 +611,14 @@ def franca_forward(sd, x, heads):
         x1, x2 = x12.chunk(2, dim=-1)
         t = t + sd[b + "ls2.gamma"] * F.linear(F.silu(x1) * x2, sd[b + "mlp.w3.weight"], sd[b + "mlp.w3.bias"])
     return t, _layer_norm(sd, "norm", t)
+
+
+def dino_interpolate(pos_embed, w0, h0, offset=0.1):
+    """DINOv2 models/vision_transformer.py interpolate_pos_encoding (interpolate_offset 0.1, no antialias); DINO
+    and iBOT do the same (w0 + 0.1 scale factors, bicubic)."""
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
+    M = math.isqrt(patches.shape[1])
+    table = F.interpolate(patches.reshape(1, M, M, -1).permute(0, 3, 1, 2), mode="bicubic", antialias=False,
+                          scale_factor=(float(w0 + offset) / M, float(h0 + offset) / M))
+    assert table.shape[-2:] == (w0, h0)
+    return torch.cat([cls, table.permute(0, 2, 3, 1).reshape(1, -1, patches.shape[-1])], dim=1)

@@ -216,15 +216,18 @@ def test_dinov2_bare_state_dict(tmp_path, model, registers, capsys):
 
 
 def test_dinov2_registers_get_no_position_at_another_input_size(tmp_path):
-    sd = dinov2_state(4)
-    torch.save(sd, tmp_path / "dinov2.pth")
-    enc = build_encoder("vit_small_patch14_reg4_dinov2", str(tmp_path / "dinov2.pth"), input_size=56, **TINY14)
-    # [cls] keeps its own position; the patch table is resampled 3x3 -> 4x4 (timm's resample_abs_pos_embed)
-    patches = resample_abs_pos_embed(sd["pos_embed"][:, 1:], new_size=[4, 4], num_prefix_tokens=0)
-    x = images(56)
-    with torch.no_grad():
-        assert_matches("DINOv2 resampled", enc.forward_tokens(x),
-                       ref.vit_forward(sd, x, 2, pos_embed=torch.cat([sd["pos_embed"][:, :1], patches], dim=1)))
+    # [cls] keeps its own position; the patch table is resampled as DINOv2's own forward does (3x3 -> 4x4 and,
+    # shrinking like DINOv2's 37x37 table at 224 px, 6x6 -> 3x3)
+    for size, stored in ((56, 3), (42, 6)):
+        sd = ref.vit_state(44, patch=14, grid=stored, registers=4, layer_scale="ls")
+        sd["mask_token"] = torch.zeros(1, 64)
+        torch.save(sd, tmp_path / "dinov2.pth")
+        enc = build_encoder("vit_small_patch14_reg4_dinov2", str(tmp_path / "dinov2.pth"), input_size=size, **TINY14)
+        x = images(size)
+        with torch.no_grad():
+            assert_matches(f"DINOv2 resampled {stored}->{size // 14}", enc.forward_tokens(x),
+                           ref.vit_forward(sd, x, 2, pos_embed=ref.dino_interpolate(sd["pos_embed"], size // 14,
+                                                                                   size // 14)))
 
 
 def test_dinov2_training_teacher_with_chunked_blocks(tmp_path):

@@ -262,3 +262,13 @@ def test_unreadable_files_are_named_for_what_they_are(tmp_path):
         torch.save(obj, tmp_path / "x.pth")
         with pytest.raises(release_layouts.NotAStateDict, match=f"x.pth holds {words}, not a dict"):
             build_encoder("vit_tiny_patch16", str(tmp_path / "x.pth"))
+
+
+def test_franca_at_224_resamples_its_table_as_franca_does(tmp_path):
+    """Franca's ViT-L LAION is 518-trained (a 37x37 table) and probed at 224: DINOv2's own interpolation."""
+    sd = ref.franca_state(grid=6)
+    ref.save_franca(tmp_path / "franca.pth", sd)
+    enc = build_encoder("vit_large_patch14", str(tmp_path / "franca.pth"), input_size=42, **SMALL)
+    x = images(42)
+    prenorm, normed = ref.franca_forward({**sd, "pos_embed": ref.dino_interpolate(sd["pos_embed"], 3, 3)}, x, 2)
+    check_tokens("Franca 6x6 table at 3x3", enc, x, prenorm, normed)
