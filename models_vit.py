@@ -267,6 +267,10 @@ def architecture(model, **arch):
 
 @lru_cache(maxsize=64)
 def _timm_architecture(name, arch=()):
+    if name.lower().startswith(("dit-", "dit_", "sit-", "sit_")):
+        raise ValueError(f"'{name}' is a diffusion transformer: it denoises VAE latents given a timestep and a "
+                         "class, so its tokens depend on a noise level and a label, not on the image alone; it is "
+                         "not probed here")
     if not timm.is_model(name):
         raise ValueError(f"unknown model '{name}': neither a preset ({', '.join(MODELS)}) nor a timm architecture")
     try:
