@@ -67,7 +67,7 @@ def add_encoder_arguments(parser, *, default_model="vit_base_patch16"):
     from models_vit import MODELS
 
     parser.add_argument("--model", default=default_model,
-                        help="a preset (" + ", ".join(MODELS) + ") or a timm ViT/BEiT architecture name, e.g. "
+                        help="a preset (" + ", ".join(MODELS) + ") or a timm ViT-family architecture name, e.g. "
                              "vit_small_patch14_reg4_dinov2 or beitv2_base_patch16_224")
     parser.add_argument("--finetune", default="", help="checkpoint file of any supported release (its layout is "
                         "recognised from the file; see README), or a timm pretrained name (default: random init)")
