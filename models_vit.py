@@ -1,10 +1,11 @@
 """Frozen ViT encoders of every release the paper and its peers probe, on timm's own model classes; one loader.
 
 `build_encoder` reads any checkpoint layout of util/release_layouts.py (MAE, SimMIM, BEiT/BEiT-v2, DINO, iBOT,
-MoCo v3, I-JEPA, DINOv2 with or without registers, timm state dicts) or a timm pretrained name. The encoder is
-timm's VisionTransformer (register tokens, layer scale, no [cls], fixed sin-cos position embeddings) or timm's
-Beit (q/v biases, shared or per-block relative position bias), with `forward_tokens` added; the release keys
-become timm's through timm's own `checkpoint_filter_fn`.
+MoCo v3, I-JEPA, DINOv2 with or without registers, Franca, DINOv3, EVA02, PE, CAPI, timm state dicts) or a timm
+pretrained name. The encoder is one of timm's classes with `forward_tokens` added (the `_Encoder` mixin, one
+`_embed` per family): VisionTransformer (registers, layer scale, no [cls], SwiGLU), Beit (q/v biases, relative
+position bias), Eva (rotary embeddings: EVA02, DINOv3, PE; CAPI's encoder on Eva blocks), Hiera (its last stage)
+or NaFlexVit. Release keys become timm's through timm's own `checkpoint_filter_fn` wherever timm has one.
 
 Tokens are taken *before* the final LayerNorm by default, as the paper's code does (gmum/beyond_cls
 models_vit.py: its forward_features never applies `self.norm` and stops after block `return_block`);
@@ -207,10 +208,10 @@ def _as_encoder(net, name, final_norm=False, input_size=None, cls=None):
     cls = cls or ENCODERS.get(type(net))
     blocks, attentions = BLOCKS.get(cls, ((), ()))
     if cls is None or not all(type(b) in blocks and type(b.attn) in attentions for b in net.blocks):
-        odd = next((b for b in getattr(net, "blocks", []) if type(b) not in blocks or type(b.attn) not in attentions),
-                   None)
-        kind = type(net).__name__ if odd is None else \
-            f"{type(net).__name__} with {type(odd).__name__} blocks of {type(odd.attn).__name__}"
+        odd = next((b for b in getattr(net, "blocks", [])
+                    if type(b) not in blocks or type(getattr(b, "attn", None)) not in attentions), None)
+        kind = type(net).__name__ if odd is None else f"{type(net).__name__} with {type(odd).__name__} blocks" + (
+            f" of {type(odd.attn).__name__}" if hasattr(odd, "attn") else "")
         raise ValueError(f"timm model '{name}' is built from {kind}; supported are {SUPPORTED}")
     net.__class__ = cls
     net.family, net.depth, net.final_norm = FAMILIES[cls], len(net.blocks), final_norm
@@ -394,11 +395,12 @@ def _pos_grid(state):
 
 def _guess(state):
     """What the checkpoint looks like, for error messages."""
-    patch = state.get("patch_embed.proj.weight")
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    patch = next((state[k] for k in PATCH_KEYS if k in state), None)
+    blocks = re.compile(r"^(?:encoder\.)?(?:blocks|transformer\.resblocks)\.(\d+)\.")
+    depth = len({m.group(1) for m in map(blocks.match, state) if m})
     words = [f"embed_dim {patch.shape[0]}, patch {patch.shape[-1]}" if patch is not None else "no patch embedding",
-             f"depth {depth}", "[cls]" if "cls_token" in state else "no [cls]"]
-    registers = state.get("register_tokens", state.get("reg_token"))
+             f"depth {depth}", "[cls]" if any(k in state for k in CLS_KEYS) else "no [cls]"]
+    registers = next((state[k] for k in REGISTER_KEYS if k in state), None)
     if registers is not None:
         words.append(f"{registers.shape[1]} registers")
     if release_layouts.beit_style(state):

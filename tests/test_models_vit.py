@@ -485,6 +485,12 @@ def test_architecture_of_presets_and_timm_names_without_weights():
         architecture("samvit_base_patch16")
     with pytest.raises(ValueError, match="Block blocks of DiffAttention"):
         architecture("vit_dwee_patch16_reg1_gap_256")
+    for name, kind in (("vit_base_patch16_xp_224", "ParallelScalingBlock blocks;"),  # blocks without .attn
+                       ("vit_small_patch16_18x2_224", "ParallelThingsBlock blocks;"),
+                       ("vit_relpos_small_patch16_224", "VisionTransformerRelPos with RelPosBlock"),
+                       ("hieradet_small", "HieraDet with MultiScaleBlock"), ("DiT-XL/2", "diffusion transformer")):
+        with pytest.raises(ValueError, match=kind):
+            architecture(name)
 
 
 def test_random_init_and_input_size(capsys):
