@@ -54,7 +54,7 @@ class FrozenTokens:
         self.encode = encoder.forward_tokens
         if compile and not need_attention and not need_blocks:
             self.encode = torch.compile(encoder.forward_tokens)
-        self.block = encoder.block_index(block)  # ValueError for a block the encoder does not have
+        self.block = encoder.block_index(block, attention=need_attention)  # ValueError: no such block (or map)
         if oracle is not None and not oracle.has_class_token:
             raise ValueError("the oracle encoder has no [cls] token whose attention could weight the patches")
         if need_blocks and not encoder.has_class_token:

@@ -275,7 +275,7 @@ def attention_stats(config, output_dir):
                     input_size=enc.input_size, patch_size=encoder.patch_size, grid=list(encoder.grid_size),
                     num_prefix_tokens=encoder.num_prefix_tokens, has_cls_token=has_cls,
                     num_reg_tokens=encoder.num_reg_tokens, depth=encoder.depth,
-                    num_heads=encoder.blocks[0].attn.num_heads, amp=config.amp, device=config.device,
+                    num_heads=encoder.blocks[-1].attn.num_heads, amp=config.amp, device=config.device,
                     seconds=round(seconds, 2))
     write_tables(output_dir, results, metrics, metadata)
     pngs = []

@@ -1,10 +1,11 @@
 """Frozen ViT encoders of every release the paper and its peers probe, on timm's own model classes; one loader.
 
 `build_encoder` reads any checkpoint layout of util/release_layouts.py (MAE, SimMIM, BEiT/BEiT-v2, DINO, iBOT,
-MoCo v3, I-JEPA, DINOv2 with or without registers, timm state dicts) or a timm pretrained name. The encoder is
-timm's VisionTransformer (register tokens, layer scale, no [cls], fixed sin-cos position embeddings) or timm's
-Beit (q/v biases, shared or per-block relative position bias), with `forward_tokens` added; the release keys
-become timm's through timm's own `checkpoint_filter_fn`.
+MoCo v3, I-JEPA, DINOv2 with or without registers, Franca, DINOv3, EVA02, PE, CAPI, timm state dicts) or a timm
+pretrained name. The encoder is one of timm's classes with `forward_tokens` added (the `_Encoder` mixin, one
+`_embed` per family): VisionTransformer (registers, layer scale, no [cls], SwiGLU), Beit (q/v biases, relative
+position bias), Eva (rotary embeddings: EVA02, DINOv3, PE; CAPI's encoder on Eva blocks), Hiera (its last stage)
+or NaFlexVit. Release keys become timm's through timm's own `checkpoint_filter_fn` wherever timm has one.
 
 Tokens are taken *before* the final LayerNorm by default, as the paper's code does (gmum/beyond_cls
 models_vit.py: its forward_features never applies `self.norm` and stops after block `return_block`);
@@ -14,24 +15,32 @@ Library code: problems are ValueError / FileNotFoundError with plain messages; t
 """
 import math
 import os
-from contextlib import contextmanager
+import re
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache, partial
 
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerScale
+from timm.layers import GluMlp, RmsNorm, SwiGLUPacked, apply_rot_embed_cat, resample_abs_pos_embed
 from timm.layers.attention import Attention as ViTAttention
+from timm.layers.attention import AttentionRope
 from timm.models import beit as timm_beit
+from timm.models import eva as timm_eva
+from timm.models import hiera as timm_hiera
 from timm.models import is_model_pretrained
+from timm.models import naflexvit as timm_naflexvit
 from timm.models import vision_transformer as timm_vit
 from timm.models.beit import Beit
+from timm.models.eva import Eva
+from timm.models.hiera import Hiera
+from timm.models.naflexvit import NaFlexVit
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from util import release_layouts
-from util.checkpoint import NonFiniteWeights, load_checkpoint  # noqa: F401 (callers catch it from here)
+from util.checkpoint import NonFiniteWeights, UnsafeCheckpoint, load_checkpoint  # noqa: F401 (callers catch it from here)
 
 # Presets: sizes only; the rest of the architecture (cls, registers, layer scale, position embedding, relative
 # position bias) is read from the checkpoint. Any timm ViT/BEiT architecture name is accepted as well.
@@ -40,6 +49,7 @@ MODELS = {
     "vit_small_patch16": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
     "vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
     "vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "vit_large_patch14": dict(patch_size=14, embed_dim=1024, depth=24, num_heads=16),  # CAPI, Franca, DINOv2 ViT-L
     "vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
     "vit_small_patch16_mocov3": dict(patch_size=16, embed_dim=384, depth=12, num_heads=12),  # MoCo v3 ViT-S: 12 heads
     "vit_base_patch16_mocov3": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
@@ -47,7 +57,8 @@ MODELS = {
 }
 MAE_DEFAULTS = dict(mlp_ratio=4.0, qkv_bias=True)
 # Parts of a release's model that are not its encoder (decoders, projection/prediction heads, mask tokens).
-NOT_ENCODER = ("decoder", "mask_token", "head.", "fc_norm.", "lm_head.", "cls_pt_", "masked_embed", "pre_logits.")
+NOT_ENCODER = ("decoder", "mask_token", "head.", "fc_norm.", "lm_head.", "cls_pt_", "masked_embed", "pre_logits.",
+               "attn_pool.")
 
 
 # ---------------------------------------------------------------- encoders
@@ -55,27 +66,46 @@ NOT_ENCODER = ("decoder", "mask_token", "head.", "fc_norm.", "lm_head.", "cls_pt
 class _Encoder:
     """What every family adds to its timm class: the tokens after any block, before or after the final norm.
 
-    Attributes set by `_as_encoder`: patch_size, grid_size, depth, final_norm (False: the paper's tokens).
+    Attributes set by `_as_encoder`: patch_size, grid_size, depth, final_norm (False: the paper's tokens),
+    has_class_token, num_reg_tokens, num_prefix_tokens, family. `first_grid_block`: the first block whose output
+    is the final patch grid (Hiera: its last stage); `first_attention_block`: the first whose attention runs
+    over those tokens (Hiera's first last-stage block pools its queries from the previous stage's grid).
     """
+    first_grid_block = first_attention_block = 0
 
-    def block_index(self, block):
-        """0-based index of `block` (None: the last; negative counts from the end); ValueError outside the encoder."""
+    def block_index(self, block, attention=False):
+        """0-based index of `block` (None: the last; negative counts from the end); ValueError outside the
+        encoder, or before the blocks whose tokens (`attention`: whose attention maps) cover the patch grid."""
         if block is None:
             return self.depth - 1
         if not -self.depth <= block < self.depth:
             raise ValueError(f"block {block} does not exist in a {self.depth}-block encoder "
                              f"(blocks are 0..{self.depth - 1}, or -1..-{self.depth} from the end)")
-        return block % self.depth
+        index = block % self.depth
+        first = self.first_attention_block if attention else self.first_grid_block
+        if index < first:
+            what = "attention runs over" if attention else "tokens are"
+            raise ValueError(f"block {block} of this {self.family} encoder is not one whose {what} its final "
+                             f"{self.grid_size[0]}x{self.grid_size[1]} patch grid (use blocks {first}.."
+                             f"{self.depth - 1}; {self._stage_note()})")
+        return index
+
+    def _stage_note(self):
+        return "earlier blocks belong to earlier stages"
 
     def forward_tokens(self, images, block=None):
         """[B, prefix + N, D] tokens after `block`; only the blocks up to it run."""
         last = self.block_index(block)
         x, block_kwargs = self._embed(images)
-        for blk in self.blocks[:last + 1]:
-            x = blk(x, **block_kwargs)
+        for i, blk in enumerate(self.blocks[:last + 1]):
+            x = blk(x, **(block_kwargs[i] if isinstance(block_kwargs, list) else block_kwargs))
         return self.norm(x) if self.final_norm else x
 
     forward = forward_features = forward_tokens  # timm's versions would run every block and the norm
+
+    def _stem(self):
+        """The module every forward starts with (capture_attention's cue that a new forward began)."""
+        return self.patch_embed
 
 
 class ViTEncoder(_Encoder, VisionTransformer):
@@ -96,26 +126,127 @@ class BeitEncoder(_Encoder, Beit):
         return self.pos_drop(x), {"shared_rel_pos_bias": shared}
 
 
-ENCODERS = {VisionTransformer: ViTEncoder, Beit: BeitEncoder}
-BLOCKS = {ViTEncoder: (timm_vit.Block, ViTAttention), BeitEncoder: (timm_beit.Block, timm_beit.Attention)}
+class EvaEncoder(_Encoder, Eva):
+    """timm's Eva: EVA/EVA02, EVA02-CLIP, DINOv3, PE, rotary ViTs; the rotary embedding reaches every block."""
+
+    def _embed(self, images):
+        x, rope = self._pos_embed(self.patch_embed(images))
+        x = self.norm_pre(x)
+        if rope is not None and self.rope_mixed:  # one embedding per block
+            return x, [{"rope": r} for r in rope]
+        return x, {"rope": rope}
 
 
-def _as_encoder(net, name, final_norm=False):
+class CapiEncoder(EvaEncoder):
+    """CAPI (facebookresearch/capi) on timm's Eva blocks. Hand-written because no timm rotary embedding does
+    what CAPI's does: every block has its own learned frequencies, and the 16 registers are rotated too, at
+    coordinates on the image's edge (CAPI model.py `Rope`, `get_edge_coordinates`)."""
+
+    def _embed(self, images):
+        x, _ = self._pos_embed(self.patch_embed(images))  # registers first; no position embedding, no rope
+        h, w = self.grid_size
+        side = self.num_reg_tokens // 4
+        c = torch.arange(side, dtype=torch.float32) / side
+        one, zero = torch.ones(side), torch.zeros(side)
+        edge = torch.cat([torch.stack(p, -1) for p in ((c, zero), (one, c), (1 - c, one), (zero, 1 - c))])
+        grid = torch.cartesian_prod(torch.linspace(0, 1, h), torch.linspace(0, 1, w))
+        coords = torch.cat([edge, grid]).to(x.device)  # [T, 2]: (row, column) in [0, 1]
+        embeds = []
+        for freqs in self.rope_freqs.float():  # [2, head_dim] per block
+            angle = coords @ freqs
+            embeds.append({"rope": torch.cat([angle.sin(), angle.cos()], dim=-1)})
+        return x, embeds
+
+
+class HieraEncoder(_Encoder, Hiera):
+    """timm's Hiera: its last stage's tokens are the patch grid (32 px patches), in raster order once the
+    unrolling is consumed; no [cls], no registers, and no norm over tokens (timm normalises the pooled vector)."""
+
+    def _embed(self, images):
+        return self.unroll(self._pos_embed(self.patch_embed(images))), {}
+
+    def _stage_note(self):
+        return "earlier blocks are earlier Hiera stages at finer grids and narrower widths"
+
+
+class NaFlexEncoder(_Encoder, NaFlexVit):
+    """timm's NaFlexVit read with plain images (its fixed-grid path: no padding, no attention mask)."""
+
+    def _embed(self, images):
+        embeds = self._forward_embeds(images, patch_coord=None, patch_valid=None, attn_mask=None)
+        common = {"attn_mask": embeds["attn_mask"]}
+        rope = embeds["rope_embeds"]
+        if rope is None:
+            return embeds["patches"], common
+        if self.rope_is_mixed:
+            return embeds["patches"], [{**common, "rope": r} for r in rope]
+        return embeds["patches"], {**common, "rope": rope}
+
+    def _stem(self):
+        return self.embeds
+
+
+ENCODERS = {VisionTransformer: ViTEncoder, Beit: BeitEncoder, Eva: EvaEncoder, Hiera: HieraEncoder,
+            NaFlexVit: NaFlexEncoder}
+# The block and attention classes each family's capture understands (attention_probabilities below).
+BLOCKS = {ViTEncoder: ((timm_vit.Block,), (ViTAttention,)),
+          BeitEncoder: ((timm_beit.Block,), (timm_beit.Attention,)),
+          EvaEncoder: ((timm_eva.EvaBlock, timm_eva.EvaBlockPostNorm), (timm_eva.EvaAttention, AttentionRope)),
+          CapiEncoder: ((timm_eva.EvaBlock,), (timm_eva.EvaAttention,)),
+          HieraEncoder: ((timm_hiera.HieraBlock,), (timm_hiera.MaskUnitAttention,)),
+          NaFlexEncoder: ((timm_vit.Block, timm_eva.EvaBlock), (ViTAttention, timm_eva.EvaAttention, AttentionRope))}
+FAMILIES = {ViTEncoder: "vit", BeitEncoder: "beit", EvaEncoder: "eva", CapiEncoder: "capi", HieraEncoder: "hiera",
+            NaFlexEncoder: "naflex"}
+SUPPORTED = ("timm's VisionTransformer (plain blocks), Beit, Eva (EVA02, DINOv3, PE, rotary ViTs), Hiera and "
+             "NaFlexVit")
+
+
+def _as_encoder(net, name, final_norm=False, input_size=None, cls=None):
     """The timm model `net` as our encoder class. timm's factories build the exact architecture of a name but
-    take no model class, and ours only adds methods, so the instance changes class in place."""
-    cls = ENCODERS.get(type(net))
-    block, attention = BLOCKS.get(cls, (None, None))
-    if cls is None or not all(type(b) is block and type(b.attn) is attention for b in net.blocks):
-        kind = f"{type(net).__name__} with {type(net.blocks[0]).__name__} blocks" if hasattr(net, "blocks") else \
-            type(net).__name__
-        raise ValueError(f"timm model '{name}' is built from {kind}; supported are timm's VisionTransformer "
-                         "(plain blocks, registers, layer scale, no [cls]) and Beit")
+    take no model class, and ours only adds methods, so the instance changes class in place. `input_size`:
+    the side the encoder will see (NaFlexVit's grid follows its input; the others were built for it)."""
+    cls = cls or ENCODERS.get(type(net))
+    blocks, attentions = BLOCKS.get(cls, ((), ()))
+    if cls is None or not all(type(b) in blocks and type(b.attn) in attentions for b in net.blocks):
+        odd = next((b for b in getattr(net, "blocks", [])
+                    if type(b) not in blocks or type(getattr(b, "attn", None)) not in attentions), None)
+        kind = type(net).__name__ if odd is None else f"{type(net).__name__} with {type(odd).__name__} blocks" + (
+            f" of {type(odd.attn).__name__}" if hasattr(odd, "attn") else "")
+        raise ValueError(f"timm model '{name}' is built from {kind}; supported are {SUPPORTED}")
     net.__class__ = cls
-    net.patch_size = net.patch_embed.patch_size[0]
-    net.grid_size = tuple(net.patch_embed.grid_size)
-    net.depth = len(net.blocks)
-    net.final_norm = final_norm
+    net.family, net.depth, net.final_norm = FAMILIES[cls], len(net.blocks), final_norm
+    if cls is HieraEncoder:
+        _hiera_layout(net, name)
+    elif cls is NaFlexEncoder:
+        net.patch_size = net.embeds.patch_size[0]
+        side = input_size or net.pretrained_cfg["input_size"][-1]
+        net.grid_size = (side // net.patch_size, side // net.patch_size)
+    else:
+        net.patch_size = net.patch_embed.patch_size[0]
+        net.grid_size = tuple(net.patch_embed.grid_size)
+    if cls in (EvaEncoder, CapiEncoder):
+        net.has_class_token = net.cls_token is not None
+        net.num_reg_tokens = 0 if net.reg_token is None else net.reg_token.shape[1]
+    if final_norm and isinstance(getattr(net, "norm", None), (nn.Identity, type(None))):
+        raise release_layouts.NoFinalNorm(f"timm model '{name}' has no final norm over its tokens to apply"
+                         + (" (Hiera normalises only its pooled vector, head.norm)" if cls is HieraEncoder else ""))
     return net
+
+
+def _hiera_layout(net, name):
+    """Hiera's last stage: its grid, width and the blocks that read it; refused if that stage is windowed."""
+    if net.blocks[-1].attn.use_mask_unit_attn or net.q_pool != len(net.stage_ends) - 1:
+        raise ValueError(f"timm model '{name}' keeps mask-unit (windowed) attention or unconsumed unrolling in "
+                         "its last stage, so its last tokens are not a patch grid in raster order")
+    strides = [s ** net.q_pool for s in net.q_stride]  # every stage transition pools the queries by q_stride
+    net.patch_size = net.patch_stride[0] * strides[0]
+    net.grid_size = tuple(n // s for n, s in zip(net.tokens_spatial_shape, strides))
+    net.first_grid_block = net.stage_ends[-2] + 1
+    net.first_attention_block = net.first_grid_block + (net.blocks[net.first_grid_block].attn.q_stride > 1)
+    net.embed_dim = net.blocks[-1].dim_out
+    net.has_class_token, net.num_reg_tokens, net.num_prefix_tokens = False, 0, 0
+    for block in net.blocks:
+        block.attn.num_heads = block.attn.heads  # the name every other family's attention uses
 
 
 # ---------------------------------------------------------------- architectures
@@ -123,8 +254,9 @@ def _as_encoder(net, name, final_norm=False):
 def architecture(model, **arch):
     """The architecture a model name stands for, without reading weights or downloading.
 
-    A dict: patch_size, embed_dim, depth, num_heads, mlp_ratio, family ('vit', 'beit'), class_token,
-    reg_tokens, img_size (native input size) and source ('preset' or 'timm'). For presets family,
+    A dict: patch_size, embed_dim, depth, num_heads, mlp_ratio (of the last block: Hiera's stages differ),
+    family ('vit', 'beit', 'eva', 'capi', 'hiera', 'naflex'), class_token, reg_tokens, img_size (native input
+    size) and source ('preset' or 'timm'). Hiera's patch_size is its last stage's (32 px). For presets family,
     class_token, reg_tokens and img_size are None unless the preset sets them: the checkpoint decides.
     `arch` overrides sizes (tests build tiny models). ValueError for an unknown or unsupported name.
     """
@@ -136,6 +268,10 @@ def architecture(model, **arch):
 
 @lru_cache(maxsize=64)
 def _timm_architecture(name, arch=()):
+    if name.lower().startswith(("dit-", "dit_", "sit-", "sit_")):
+        raise ValueError(f"'{name}' is a diffusion transformer: it denoises VAE latents given a timestep and a "
+                         "class, so its tokens depend on a noise level and a label, not on the image alone; it is "
+                         "not probed here")
     if not timm.is_model(name):
         raise ValueError(f"unknown model '{name}': neither a preset ({', '.join(MODELS)}) nor a timm architecture")
     try:
@@ -144,15 +280,36 @@ def _timm_architecture(name, arch=()):
     except (AssertionError, TypeError, ValueError) as err:
         raise ValueError(f"timm model '{name}' cannot be built as a bare encoder: {err}") from None
     _as_encoder(net, name)
-    attn, mlp = net.blocks[0].attn, net.blocks[0].mlp
-    return dict(patch_size=net.patch_size, embed_dim=net.embed_dim, depth=net.depth, num_heads=attn.num_heads,
-                mlp_ratio=mlp.fc1.out_features / net.embed_dim, family="beit" if isinstance(net, Beit) else "vit",
-                class_token=bool(net.has_class_token), reg_tokens=net.num_reg_tokens,
-                img_size=net.patch_embed.img_size[0])
+    last = net.blocks[-1]
+    img_size = net.patch_embed.img_size[0] if hasattr(net, "patch_embed") and hasattr(net.patch_embed, "img_size") \
+        else net.pretrained_cfg["input_size"][-1]
+    return dict(patch_size=net.patch_size, embed_dim=net.embed_dim, depth=net.depth, num_heads=last.attn.num_heads,
+                mlp_ratio=_mlp_hidden(last.mlp) / net.embed_dim, family=net.family,
+                class_token=bool(net.has_class_token), reg_tokens=net.num_reg_tokens, img_size=img_size)
 
 
-def _structure(state):
-    """Architecture choices a checkpoint's keys reveal, in release key names (the sizes come from the name)."""
+def _mlp_hidden(mlp):
+    """Hidden width of timm's Mlp, GluMlp (fc1 holds gate and value) or SwiGLU (fc1_g and fc1_x)."""
+    if hasattr(mlp, "fc1_g"):
+        return mlp.fc1_g.out_features
+    return mlp.fc1.out_features // (2 if isinstance(mlp, GluMlp) else 1)
+
+
+def _structure(found, model):
+    """(family, structure): the encoder family a checkpoint needs, and for a preset the architecture choices
+    its keys reveal (release key names; the sizes come from the name). Keys the preset requires must be there:
+    a missing position embedding or missing qkv biases are refused, never built as an encoder without them."""
+    state, preset = found.state, model in MODELS
+    if found.family == "capi":
+        if not preset:
+            raise ValueError(f"{found.description} is a CAPI encoder, which timm has no architecture for: pass "
+                             "the preset of its size as --model (vit_large_patch14 for CAPI's ViT-L/14)")
+        return "capi", dict(reg_tokens=state["registers"].shape[1] if "registers" in state else 0)
+    if found.family == "eva":
+        if preset or architecture(model)["family"] != "eva":
+            raise ValueError(f"{found.description} needs its timm architecture (rotary embedding settings are not "
+                             f"stored in the file): pass {_suggest_eva(found)} as --model")
+        return "eva", {}
     cls = "cls_token" in state
     registers = state.get("register_tokens", state.get("reg_token"))
     regs = 0 if registers is None else registers.shape[1]
@@ -160,16 +317,54 @@ def _structure(state):
         if not cls:
             raise ValueError("a BEiT-style encoder (relative position bias, q/v biases) needs a [cls] token, "
                              "and this checkpoint has none")
+        if preset:
+            has_position = "pos_embed" in state or any(k.endswith("relative_position_bias_table") for k in state)
+            _require(found, model, [f"blocks.{i}.attn.{b}_bias" for i in _block_indices(state) for b in "qv"]
+                     + ([] if has_position else ["pos_embed or a relative_position_bias_table"]))
         return "beit", dict(qkv_bias="blocks.0.attn.q_bias" in state,
                             init_values=1.0 if "blocks.0.gamma_1" in state else None,
                             use_abs_pos_emb="pos_embed" in state,
                             use_rel_pos_bias="blocks.0.attn.relative_position_bias_table" in state,
                             use_shared_rel_pos_bias="rel_pos_bias.relative_position_bias_table" in state,
                             use_fc_norm=False)
+    if preset:
+        _require(found, model, ["pos_embed"] + [f"blocks.{i}.attn.qkv.bias" for i in _block_indices(state)])
     layer_scale = "blocks.0.ls1.gamma" in state or "blocks.0.gamma_1" in state
-    return "vit", dict(class_token=cls, reg_tokens=regs, no_embed_class=_no_embed_class(state, cls + regs),
-                       init_values=1.0 if layer_scale else None, qkv_bias="blocks.0.attn.qkv.bias" in state,
-                       pos_embed="learn" if "pos_embed" in state else "none", pre_norm="norm_pre.weight" in state)
+    structure = dict(class_token=cls, reg_tokens=regs, no_embed_class=_no_embed_class(state, cls + regs),
+                     init_values=1.0 if layer_scale else None, qkv_bias=True, pos_embed="learn",
+                     pre_norm="norm_pre.weight" in state)
+    if "blocks.0.mlp.w12.weight" in state:  # DINOv2's fused SwiGLU (ViT-g, Franca): timm's packed GluMlp
+        dim, ratio = state["blocks.0.mlp.w12.weight"].shape[1], MODELS[model].get("mlp_ratio", 4.0)
+        hidden = (int(dim * ratio * 2 / 3) + 7) // 8 * 8  # DINOv2 layers/swiglu_ffn.py SwiGLUFFNFused
+        structure.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, mlp_ratio=2 * hidden / dim)
+    return "vit", structure
+
+
+def _block_indices(state):
+    """The block indices a checkpoint holds (a depth that differs from the model's is a misfit, named later)."""
+    return sorted({int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()})
+
+
+def _require(found, model, keys):
+    """MissingKeys naming the keys of `keys` that the checkpoint lacks."""
+    missing = [k for k in keys if " or " in k or k not in found.state]
+    if missing:
+        raise release_layouts.MissingKeys(
+            f"{found.description} lacks keys the {model} preset requires: {_clip(missing)} (the preset is a ViT "
+            "with a learned position embedding and qkv biases, as every release it reads; a checkpoint without "
+            "them is another architecture)")
+
+
+def _suggest_eva(found):
+    """The timm names whose size fits the checkpoint, for a message (or the family's pattern)."""
+    patch = next((found.state[k] for k in ("patch_embed.proj.weight", "conv1.weight") if k in found.state), None)
+    pattern = {"DINOv3": "vit_*_dinov3*", "EVA02": "eva02_*", "PE (Perception Encoder)": "vit_pe_*"}.get(
+        found.layout, "a timm Eva name")
+    if patch is None or pattern == "a timm Eva name":
+        return pattern
+    fits = [n for n in timm.list_models(pattern) if _timm_architecture(n)["embed_dim"] == patch.shape[0]
+            and _timm_architecture(n)["patch_size"] == patch.shape[-1]]
+    return " or ".join(fits[:4]) if fits else f"a timm name matching {pattern}"
 
 
 def _no_embed_class(state, prefix):
@@ -200,11 +395,12 @@ def _pos_grid(state):
 
 def _guess(state):
     """What the checkpoint looks like, for error messages."""
-    patch = state.get("patch_embed.proj.weight")
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    patch = next((state[k] for k in PATCH_KEYS if k in state), None)
+    blocks = re.compile(r"^(?:encoder\.)?(?:blocks|transformer\.resblocks)\.(\d+)\.")
+    depth = len({m.group(1) for m in map(blocks.match, state) if m})
     words = [f"embed_dim {patch.shape[0]}, patch {patch.shape[-1]}" if patch is not None else "no patch embedding",
-             f"depth {depth}", "[cls]" if "cls_token" in state else "no [cls]"]
-    registers = state.get("register_tokens", state.get("reg_token"))
+             f"depth {depth}", "[cls]" if any(k in state for k in CLS_KEYS) else "no [cls]"]
+    registers = next((state[k] for k in REGISTER_KEYS if k in state), None)
     if registers is not None:
         words.append(f"{registers.shape[1]} registers")
     if release_layouts.beit_style(state):
@@ -264,8 +460,30 @@ def _new_encoder(model, arch, input_size, family, structure, final_norm):
         sizes = {k: v for k, v in sizes.items() if k not in ("family", "class_token", "reg_tokens", "img_size")}
         if family == "beit":
             return _as_encoder(Beit(**{**sizes, **structure, **common}), model, final_norm)
+        if family == "capi":
+            return _capi_encoder(sizes, structure, common, model, final_norm)
         return _as_encoder(VisionTransformer(**{**sizes, **structure, **common}), model, final_norm)
-    return _as_encoder(timm.create_model(model, pretrained=False, **arch, **common), model, final_norm)
+    try:
+        net = timm.create_model(model, pretrained=False, **arch, **common)
+    except (AssertionError, TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"timm model '{model}' cannot be built at {input_size}px: {err}") from None
+    return _as_encoder(net, model, final_norm, input_size)
+
+
+def _capi_encoder(sizes, structure, common, model, final_norm):
+    """CAPI's encoder (model.py EncoderDecoder.encoder) as timm's Eva: pre-norm RMSNorm blocks without biases
+    (timm's Linear biases stay zero), separate q/k/v, registers and no [cls]; CapiEncoder adds its rotary
+    embedding, which rotates the registers too (so Eva's attention skips no prefix)."""
+    net = Eva(patch_size=sizes["patch_size"], embed_dim=sizes["embed_dim"], depth=sizes["depth"],
+              num_heads=sizes["num_heads"], mlp_ratio=sizes["mlp_ratio"], qkv_bias=False, qkv_fused=False,
+              class_token=False, num_reg_tokens=structure["reg_tokens"], use_abs_pos_emb=False,
+              rope_rotate_half=True, norm_layer=partial(RmsNorm, eps=1e-5), **common)  # CAPI rotates halves
+    net.norm = RmsNorm(sizes["embed_dim"], eps=1e-5, affine=False)  # CAPI's enc_norm has no weight
+    for block in net.blocks:
+        block.attn.num_prefix_tokens = 0
+    head_dim = sizes["embed_dim"] // sizes["num_heads"]
+    net.register_buffer("rope_freqs", torch.zeros(sizes["depth"], 2, head_dim))  # loaded from the checkpoint
+    return _as_encoder(net, model, final_norm, cls=CapiEncoder)
 
 
 def _random_encoder(model, spec, arch, input_size, no_cls_token, final_norm):
@@ -277,19 +495,35 @@ def _random_encoder(model, spec, arch, input_size, no_cls_token, final_norm):
 
 
 def _load_file(model, arch, path, checkpoint_key, input_size, no_cls_token, final_norm, simmim, trust):
-    found = release_layouts.find_encoder(load_checkpoint(path, trust=trust), path, checkpoint_key)
+    found = release_layouts.find_encoder(_read(path, trust), path, checkpoint_key)
     if simmim and found.layout not in ("SimMIM", "BEiT/BEiT-v2"):
         raise ValueError(f"{found.description} is not a SimMIM/BEiT checkpoint (SimMIM files are recognised "
                          "without being named)")
-    if no_cls_token and "cls_token" in found.state:
+    if no_cls_token and ("cls_token" in found.state or "class_embedding" in found.state):
         raise ValueError(f"{found.description} has a [cls] token (cls_token); an encoder without one was asked for")
-    family, structure = _structure(found.state)
+    family, structure = _structure(found, model)
+    if found.layout.startswith("PE"):  # PE's Rope2D counts positions on the grid it sees (pe.py update_grid);
+        side = input_size // architecture(model, **arch)["patch_size"]  # timm rescales them to ref_feat_shape
+        arch = {**arch, "ref_feat_shape": (side, side)}
     encoder = _new_encoder(model, arch, input_size, family, structure, final_norm)
-    notes = _load_state(encoder, found.state, found.description, model)
+    notes = _load_state(encoder, found, model)
     norm = "after" if final_norm else "before"
     summary = (f"loaded {found.description}: {len(found.state)} tensors into {model}, {input_size}px, "
                f"grid {encoder.grid_size}, {_prefix_words(encoder)}{notes}; tokens {norm} the final norm")
     return encoder, summary
+
+
+def _read(path, trust=False):
+    """load_checkpoint, with a truncated file or a pickled list/tensor/array named for what it is."""
+    try:
+        return load_checkpoint(path, trust=trust)
+    except UnsafeCheckpoint:
+        raise  # what it asked to run is the news, whatever else the file holds
+    except ValueError as err:
+        better = release_layouts.classify_unreadable(path) if os.path.isfile(path) else None
+        if better is None:
+            raise
+        raise better from err
 
 
 def _prefix_words(encoder):
@@ -299,41 +533,139 @@ def _prefix_words(encoder):
     return " + ".join(words)
 
 
-def _load_state(encoder, state, source, model):
-    """Convert `state` (release key names) with timm's converter and load it strictly; returns summary notes."""
+def _load_state(encoder, found, model):
+    """Convert the release's keys with timm's converter and load them strictly; returns summary notes."""
+    state, source = found.state, found.description
     expected = encoder.state_dict()
     misfit = partial(_misfit, source=source, model=model, original=state)
     if _core_mismatch(state, encoder):  # caught before timm's converter would resample a wrong patch size
         raise misfit(state, expected)
+    if found.layout == "DINOv3" and isinstance(encoder, EvaEncoder):
+        state = _dinov3_state(state, encoder, source)
     try:
-        converted = _to_timm(state, encoder)
-    except (RuntimeError, ValueError, AssertionError):  # e.g. a position embedding of no square grid
+        converted = _to_timm(state, encoder, found)
+    except (RuntimeError, ValueError, AssertionError, KeyError):  # e.g. a position embedding of no square grid
         raise misfit(state, expected) from None
     converted = {k: v for k, v in converted.items() if not k.startswith(NOT_ENCODER)}
-    if "norm.weight" not in converted:  # SimMIM/BEiT with mean pooling, fine-tuned backbones: no final norm
+    if "norm.weight" not in converted and "norm.weight" in expected:  # SimMIM/BEiT with mean pooling: no norm
         if encoder.final_norm:
-            raise ValueError(f"{source} has no final norm (norm.weight) to apply")
+            raise release_layouts.NoFinalNorm(f"{source} has no final norm (norm.weight) to apply")
         encoder.norm = nn.Identity()
         expected = encoder.state_dict()
     if _problems(converted, expected):
         raise misfit(converted, expected)
     _check_finite(converted, source)
     encoder.load_state_dict(converted, strict=True)
+    if "rope_embed.periods" in state:  # DINOv3: see _dinov3_state
+        encoder.rope.periods.copy_(state["rope_embed.periods"].float())
+        if encoder.rope.feat_shape is not None:
+            encoder.rope._cache_embed(encoder.rope.feat_shape)  # the cached grid embedding, from those periods
     return _resize_notes(state, converted, encoder)
 
 
-def _to_timm(state, encoder):
+def _to_timm(state, encoder, found):
     state = dict(state)  # timm's converters pop entries
+    if isinstance(encoder, CapiEncoder):
+        return _capi_state(state, encoder)
+    if isinstance(encoder, EvaEncoder):
+        # MIM leftovers go first: with EVA02's mask_token present timm would move the final norm to fc_norm
+        state = {k: v for k, v in state.items() if not k.startswith(NOT_ENCODER)}
+        converted = timm_eva.checkpoint_filter_fn(state, encoder)
+        pos = converted.get("pos_embed")
+        if found.layout.startswith("PE") and pos is not None and pos.shape != encoder.pos_embed.shape:
+            # timm's PE converter keeps the pretraining grid; PE resamples bilinearly without antialiasing
+            # (pe.py _sample_abs_posemb), which timm's resampler does when told so
+            converted["pos_embed"] = resample_abs_pos_embed(
+                pos, new_size=encoder.grid_size, num_prefix_tokens=encoder.num_prefix_tokens,
+                interpolation="bilinear", antialias=False)
+        return converted
+    if isinstance(encoder, HieraEncoder):
+        return timm_hiera.checkpoint_filter_fn(state, encoder)
+    if isinstance(encoder, NaFlexEncoder):
+        return timm_naflexvit.checkpoint_filter_fn(state, encoder)
     if isinstance(encoder, BeitEncoder):
         return timm_beit.checkpoint_filter_fn(state, encoder)
+    if found.layout in DINO_CODE and "pos_embed" in state:
+        state["pos_embed"] = _dino_resample(state["pos_embed"], encoder.grid_size)
     return timm_vit.checkpoint_filter_fn(state, encoder, adapt_layer_scale=True)  # gamma_N -> lsN.gamma (iBOT)
 
 
+# Layouts written by DINO's code (DINO, iBOT, DINOv2, Franca), which resample their position table themselves.
+DINO_CODE = ("DINO/iBOT/DINOv2 training", "DINOv2 training (fvcore)", "DINOv2")
+
+
+def _dino_resample(pos_embed, grid):
+    """[cls] + patch table resampled as DINO/iBOT/DINOv2's `interpolate_pos_encoding` does at every forward:
+    bicubic, no antialiasing, scale factor (n + 0.1) / M. Hand-written because timm's resampler takes an output
+    size (not DINO's offset scale factor) and antialiases when shrinking: DINOv2's 37x37 table at 224 px would
+    differ by several percent of its spread."""
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
+    side = math.isqrt(patches.shape[1])
+    if side * side != patches.shape[1] or (side, side) == tuple(grid):
+        return pos_embed
+    table = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    table = F.interpolate(table, scale_factor=((grid[0] + 0.1) / side, (grid[1] + 0.1) / side), mode="bicubic",
+                          antialias=False)
+    return torch.cat([cls, table.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)], dim=1)
+
+
+def _dinov3_state(state, encoder, source):
+    """DINOv3 release keys before timm's converter. timm's `*_dinov3` names without `_qkvb` have no qkv bias (the
+    released biases are zero); its converter would drop non-zero ones silently, so they are refused here. The
+    release's rope periods are read from the file after loading: its own forward uses the stored (bf16-rounded)
+    periods, while timm recomputes exact ones."""
+    biases = [k for k in state if k.endswith("attn.qkv.bias")]
+    if biases and encoder.blocks[0].attn.q_bias is None:
+        masked = [state[k] * state.get(k.replace(".bias", ".bias_mask"), torch.ones_like(state[k])) for k in biases]
+        if any(b.abs().max() > 0 for b in masked):
+            raise ValueError(f"{source} holds non-zero qkv biases, which this timm architecture has no place for "
+                             "(use the `_qkvb` variant of the --model name)")
+        state = {k: v for k, v in state.items() if k not in biases}
+    return state
+
+
+def _capi_state(state, encoder):
+    """CAPI's encoder keys (model.py: encoder.blocks.N.residual1/2 with norm and fn) as timm Eva keys; biases
+    CAPI's code does not have are zero; per-block rope frequencies gathered into `rope_freqs`. Keys left over
+    (other than the decoder and the clustering head) make the load fail as unexpected keys."""
+    renames = [(r"^patch_embed\.(weight|bias)$", r"patch_embed.proj.\1"), (r"^registers$", "reg_token"),
+               (r"^encoder\.blocks\.(\d+)\.residual1\.norm\.", r"blocks.\1.norm1."),
+               (r"^encoder\.blocks\.(\d+)\.residual1\.fn\.(q_proj|k_proj|v_proj|proj)\.", r"blocks.\1.attn.\2."),
+               (r"^encoder\.blocks\.(\d+)\.residual2\.norm\.", r"blocks.\1.norm2."),
+               (r"^encoder\.blocks\.(\d+)\.residual2\.fn\.(fc1|fc2)\.", r"blocks.\1.mlp.\2.")]
+    out, freqs = {}, {}
+    for key, value in state.items():
+        if key.startswith(("decoder.", "mask_token", "dec_norm.")):
+            continue
+        rope = re.match(r"^encoder\.blocks\.(\d+)\.residual1\.fn\.rope\.freqs$", key)
+        if rope:
+            freqs[int(rope.group(1))] = value
+            continue
+        for pattern, target in renames:
+            if re.match(pattern, key):
+                key = re.sub(pattern, target, key)
+                break
+        out[key] = value
+    if sorted(freqs) != list(range(encoder.depth)):
+        raise KeyError("rope frequencies")
+    out["rope_freqs"] = torch.stack([freqs[i] for i in range(encoder.depth)])
+    zero_biases = [f"blocks.{i}.{m}.bias" for i in range(encoder.depth) for m in ("attn.proj", "mlp.fc1", "mlp.fc2")]
+    expected = encoder.state_dict()
+    out.update({k: torch.zeros_like(expected[k]) for k in zero_biases if k not in out})
+    return out
+
+
+PATCH_KEYS = ("patch_embed.proj.weight", "conv1.weight", "patch_embed.weight", "embeds.proj.weight")
+CLS_KEYS = ("cls_token", "class_embedding")
+REGISTER_KEYS = ("register_tokens", "reg_token", "storage_tokens", "registers")
+
+
 def _core_mismatch(state, encoder):
-    patch = state.get("patch_embed.proj.weight")
-    registers = state.get("register_tokens", state.get("reg_token"))
-    return (patch is None or patch.shape != encoder.patch_embed.proj.weight.shape
-            or ("cls_token" in state) != bool(encoder.has_class_token)
+    patch = next((state[k] for k in PATCH_KEYS if k in state), None)
+    own = encoder.embeds.proj.weight if isinstance(encoder, NaFlexEncoder) else encoder.patch_embed.proj.weight
+    registers = next((state[k] for k in REGISTER_KEYS if k in state), None)
+    return (patch is None or patch.shape != own.shape
+            or any(k in state for k in CLS_KEYS) != bool(encoder.has_class_token)
             or (0 if registers is None else registers.shape[1]) != encoder.num_reg_tokens)
 
 
@@ -382,7 +714,7 @@ def _load_timm_pretrained(model, spec, name, input_size, no_cls_token, final_nor
     if not timm.is_model(name):
         raise FileNotFoundError(f"'{name}' is no file and an unknown timm model")
     if not is_model_pretrained(name):
-        raise ValueError(f"timm model '{name}' has no pretrained weights")
+        raise release_layouts.NoPretrainedWeights(f"timm model '{name}' has no pretrained weights")
     weights = _timm_architecture(name)
     differ = [f"{k} {weights[k]} vs {spec[k]}" for k in ("patch_size", "embed_dim", "depth", "num_heads")
               if weights[k] != spec[k]]
@@ -396,7 +728,7 @@ def _load_timm_pretrained(model, spec, name, input_size, no_cls_token, final_nor
         reason = str(err).split(". ")[0].splitlines()[0][:160] if str(err) else type(err).__name__
         raise FileNotFoundError(f"timm model '{name}' could not be downloaded: {reason}; without internet, fill "
                                 "the Hugging Face cache or use a local checkpoint file") from None
-    encoder = _as_encoder(net, name, final_norm)
+    encoder = _as_encoder(net, name, final_norm, input_size)
     _check_finite(encoder.state_dict(), f"timm pretrained {name}")
     norm = "after" if final_norm else "before"
     return encoder, (f"loaded timm pretrained {name}: {len(encoder.state_dict())} tensors, {input_size}px, "
@@ -428,31 +760,67 @@ def _relative_bias(attn):
     return bias.permute(2, 0, 1).unsqueeze(0)
 
 
-def attention_probabilities(attn, x, attn_mask=None, shared_rel_pos_bias=None):
-    """Softmax attention [B, H, T, T] (float32) that timm's ViT or Beit Attention computes for input x."""
+def attention_probabilities(attn, x, attn_mask=None, shared_rel_pos_bias=None, rope=None):
+    """Softmax attention [B, H, T, T] that timm's ViT, Beit, Eva (EvaAttention, AttentionRope), Hiera
+    (global MaskUnitAttention) or NaFlexVit attention computes for input x, with the block's rotary embedding,
+    q/k norms, relative bias and mask.
+
+    q, k, the scores and the softmax are float32 whatever autocast is active: under bf16 autocast the scores
+    themselves would be rounded (steps of 0.125 near 25), several percent of a probability.
+    """
+    off = torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type) else \
+        nullcontext()  # (the meta device has no autocast)
+    with off:
+        q, k, bias = _queries_keys(attn, x.float(), rope, shared_rel_pos_bias)
+        scores = (q * attn.scale) @ k.transpose(-2, -1)
+        for extra in (bias, attn_mask):
+            if extra is not None:  # a boolean mask marks the allowed pairs, as in SDPA
+                scores = scores.masked_fill(~extra, float("-inf")) if extra.dtype == torch.bool else \
+                    scores + extra.float()
+        return scores.softmax(dim=-1)
+
+
+def _queries_keys(attn, x, rope, shared_rel_pos_bias):
+    """(q, k, additive bias or None) in float32, q and k [B, H, T, head_dim] exactly as the module forms them."""
     B, T, _ = x.shape
     if isinstance(attn, timm_beit.Attention):
         bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-        qkv = F.linear(x, attn.qkv.weight, bias).reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = qkv[0], qkv[1]
-        mask = shared_rel_pos_bias
+        q, k, _ = F.linear(x, attn.qkv.weight, bias).reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        extra = shared_rel_pos_bias
         if attn.relative_position_bias_table is not None:
-            mask = _relative_bias(attn) if mask is None else _relative_bias(attn) + mask
+            extra = _relative_bias(attn) if extra is None else _relative_bias(attn) + extra
+        return q, k, extra
+    if isinstance(attn, timm_hiera.MaskUnitAttention):  # global attention only (see _as_encoder)
+        q, k, _ = attn.qkv(x).reshape(B, T, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        return q, k, None
+    if isinstance(attn, ViTAttention):
+        q, k, _ = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        return attn.q_norm(q), attn.k_norm(k), None
+    # EvaAttention and AttentionRope: fused or separate projections, EVA's q/v-only bias, grouped k/v heads
+    if attn.qkv is not None:
+        bias = getattr(attn, "q_bias", None)
+        bias = attn.qkv.bias if bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        q, k, _ = F.linear(x, attn.qkv.weight, bias).reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
     else:
-        qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-        mask = attn_mask
-    scores = (q.float() * attn.scale) @ k.float().transpose(-2, -1)
-    if mask is not None:
-        scores = scores + mask.float()
-    return scores.softmax(dim=-1)
+        q = attn.q_proj(x).reshape(B, T, attn.num_heads, -1).transpose(1, 2)
+        k = attn.k_proj(x).reshape(B, T, getattr(attn, "num_kv_heads", attn.num_heads), -1).transpose(1, 2)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        n = attn.num_prefix_tokens
+        rotate = partial(apply_rot_embed_cat, emb=rope.float(), half=attn.rotate_half)
+        q = torch.cat([q[:, :, :n], rotate(q[:, :, n:])], dim=2)
+        k = torch.cat([k[:, :, :n], rotate(k[:, :, n:])], dim=2)
+    groups = getattr(attn, "num_kv_groups", 1)
+    return q, (k.repeat_interleave(groups, dim=1) if groups > 1 else k), None
 
 
-def _branch_scale(block):
-    """The layer scale that multiplies a block's attention output before the residual add (1.0 if none)."""
-    if isinstance(block, timm_beit.Block):
-        return 1.0 if block.gamma_1 is None else block.gamma_1
-    return block.ls1.gamma if isinstance(block.ls1, LayerScale) else 1.0
+def _attention_branch(block, output):
+    """What a block adds to its residual stream from its attention module's output."""
+    if isinstance(block, timm_eva.EvaBlockPostNorm):
+        return block.norm1(output)
+    if isinstance(block, (timm_beit.Block, timm_eva.EvaBlock)):
+        return output if block.gamma_1 is None else block.gamma_1 * output
+    return block.ls1(output)  # ViT and Hiera blocks: LayerScale or Identity
 
 
 @contextmanager
@@ -460,10 +828,13 @@ def capture_attention(encoder, blocks=None):
     """Within the block, each forward fills `cap.records[i]` = {attn, resid_norm, attn_out_norm, out}.
 
     attn: [B, H, T, T] float32 probabilities over all tokens ([cls], registers, patches); resid_norm: |x| of
-    the block's input; attn_out_norm: |layer scale * attention output|; out: the block's output. Forward hooks
-    on timm's modules, registered only here, so the normal path keeps fused SDPA.
+    the block's input; attn_out_norm: |what the attention branch adds to the residual| (layer scale included;
+    a post-norm block's norm); out: the block's output. `blocks` (default: every block whose attention runs
+    over the final patch grid, all but Hiera's earlier stages). Forward hooks on timm's modules, registered only
+    here, so the normal path keeps fused SDPA.
     """
-    indices = sorted({encoder.block_index(b) for b in (range(encoder.depth) if blocks is None else blocks)})
+    chosen = range(encoder.first_attention_block, encoder.depth) if blocks is None else blocks
+    indices = sorted({encoder.block_index(b, attention=True) for b in chosen})
     cap, pending = AttentionCapture(BlockRecords(encoder.depth)), {}
 
     def on_embed(module, args):  # a new forward starts: forget the previous one
@@ -471,8 +842,9 @@ def capture_attention(encoder, blocks=None):
         pending.clear()
 
     def on_attn(index, block, module, args, kwargs, output):
-        probs = attention_probabilities(module, args[0], kwargs.get("attn_mask"), kwargs.get("shared_rel_pos_bias"))
-        branch = output * _branch_scale(block)
+        probs = attention_probabilities(module, args[0], kwargs.get("attn_mask"), kwargs.get("shared_rel_pos_bias"),
+                                        kwargs.get("rope"))
+        branch = _attention_branch(block, output)
         pending[index] = {"attn": probs.detach(), "attn_out_norm": branch.detach().float().norm(dim=-1)}
 
     def on_block(index, module, args, output):
@@ -481,7 +853,7 @@ def capture_attention(encoder, blocks=None):
         record["out"] = output.detach()
         cap.records[index] = record
 
-    handles = [encoder.patch_embed.register_forward_pre_hook(on_embed)]
+    handles = [encoder._stem().register_forward_pre_hook(on_embed)]
     for i in indices:
         block = encoder.blocks[i]
         handles += [block.attn.register_forward_hook(partial(on_attn, i, block), with_kwargs=True),

@@ -15,6 +15,7 @@ import reference_vits as ref
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
+from timm.models import eva as timm_eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -215,15 +216,18 @@ def test_dinov2_bare_state_dict(tmp_path, model, registers, capsys):
 
 
 def test_dinov2_registers_get_no_position_at_another_input_size(tmp_path):
-    sd = dinov2_state(4)
-    torch.save(sd, tmp_path / "dinov2.pth")
-    enc = build_encoder("vit_small_patch14_reg4_dinov2", str(tmp_path / "dinov2.pth"), input_size=56, **TINY14)
-    # [cls] keeps its own position; the patch table is resampled 3x3 -> 4x4 (timm's resample_abs_pos_embed)
-    patches = resample_abs_pos_embed(sd["pos_embed"][:, 1:], new_size=[4, 4], num_prefix_tokens=0)
-    x = images(56)
-    with torch.no_grad():
-        assert_matches("DINOv2 resampled", enc.forward_tokens(x),
-                       ref.vit_forward(sd, x, 2, pos_embed=torch.cat([sd["pos_embed"][:, :1], patches], dim=1)))
+    # [cls] keeps its own position; the patch table is resampled as DINOv2's own forward does (3x3 -> 4x4 and,
+    # shrinking like DINOv2's 37x37 table at 224 px, 6x6 -> 3x3)
+    for size, stored in ((56, 3), (42, 6)):
+        sd = ref.vit_state(44, patch=14, grid=stored, registers=4, layer_scale="ls")
+        sd["mask_token"] = torch.zeros(1, 64)
+        torch.save(sd, tmp_path / "dinov2.pth")
+        enc = build_encoder("vit_small_patch14_reg4_dinov2", str(tmp_path / "dinov2.pth"), input_size=size, **TINY14)
+        x = images(size)
+        with torch.no_grad():
+            assert_matches(f"DINOv2 resampled {stored}->{size // 14}", enc.forward_tokens(x),
+                           ref.vit_forward(sd, x, 2, pos_embed=ref.dino_interpolate(sd["pos_embed"], size // 14,
+                                                                                   size // 14)))
 
 
 def test_dinov2_training_teacher_with_chunked_blocks(tmp_path):
@@ -472,8 +476,21 @@ def test_architecture_of_presets_and_timm_names_without_weights():
     assert architecture("beitv2_base_patch16_224")["family"] == "beit"
     with pytest.raises(ValueError, match="unknown model 'resnet_nonsense'"):
         architecture("resnet_nonsense")
-    with pytest.raises(ValueError, match="'eva02_base_patch14_224' is built from Eva with EvaBlock blocks"):
-        architecture("eva02_base_patch14_224")
+    assert architecture("eva02_base_patch14_224")["family"] == "eva"
+    hiera = architecture("hiera_base_224")
+    assert (hiera["family"], hiera["patch_size"], hiera["embed_dim"], hiera["depth"]) == ("hiera", 32, 768, 24)
+    aimv2 = architecture("aimv2_large_patch14_224")  # SwiGLU: was an AttributeError traceback
+    assert (aimv2["class_token"], aimv2["mlp_ratio"]) == (False, 2816 / 1024)
+    with pytest.raises(ValueError, match="'samvit_base_patch16' is built from VisionTransformerSAM"):
+        architecture("samvit_base_patch16")
+    with pytest.raises(ValueError, match="Block blocks of DiffAttention"):
+        architecture("vit_dwee_patch16_reg1_gap_256")
+    for name, kind in (("vit_base_patch16_xp_224", "ParallelScalingBlock blocks;"),  # blocks without .attn
+                       ("vit_small_patch16_18x2_224", "ParallelThingsBlock blocks;"),
+                       ("vit_relpos_small_patch16_224", "VisionTransformerRelPos with RelPosBlock"),
+                       ("hieradet_small", "HieraDet with MultiScaleBlock"), ("DiT-XL/2", "diffusion transformer")):
+        with pytest.raises(ValueError, match=kind):
+            architecture(name)
 
 
 def test_random_init_and_input_size(capsys):
@@ -490,3 +507,185 @@ def test_random_init_and_input_size(capsys):
         build_encoder("vit_tiny_patch16", input_size=36, **TINY)
     with pytest.raises(ValueError, match="unknown model"):
         build_encoder("resnet_nonsense")
+
+
+# ---------------------------------------------------------------- timm's Eva, Hiera, NaFlexVit, AIMv2 by name
+
+SMALL = dict(embed_dim=64, depth=2, num_heads=2)
+TIMM_FAMILIES = [  # (timm name, size overrides, input size): one of each attention/rope/norm variant
+    ("vit_small_patch16_dinov3_qkvb", SMALL, 48),  # DINOv3: rope (half rotation), registers, q/v bias, layer scale
+    ("vit_small_patch16_dinov3", SMALL, 48),  # DINOv3 without qkv bias
+    ("eva02_tiny_patch14_224", SMALL, 42),  # EVA02: interleaved rope over [cls]-less patches, packed SwiGLU
+    ("eva02_base_patch14_224", SMALL, 42),  # separate q/k/v, SwiGLU with its inner norm
+    ("eva02_base_patch16_clip_224", SMALL, 48),  # EVA02-CLIP: norm inside attention
+    ("eva02_enormous_patch14_clip_224", SMALL, 42),  # post-norm blocks
+    ("vit_pe_core_tiny_patch16_384", SMALL, 48),  # PE-Core: AttentionRope, pre-norm, [cls] without rope
+    ("vit_pe_spatial_tiny_patch16_512", SMALL, 48),  # PE-Spatial: no final norm
+    ("vit_small_patch16_rope_mixed_224", SMALL, 48),  # a rotary embedding per block
+    ("aimv2_large_patch14_224", dict(SMALL, num_heads=4), 42),  # AIMv2: SwiGLU, RMSNorm, no [cls]
+    ("hiera_tiny_224", dict(embed_dim=16, num_heads=1, stages=(1, 1, 2, 2)), 64),  # Hiera: last stage
+    ("hiera_small_abswin_256", dict(embed_dim=16, num_heads=1, stages=(1, 1, 1, 2)), 64),  # windowed abs pos
+    ("naflexvit_base_patch16_gap", SMALL, 48),  # NaFlexVit on plain images
+]
+
+
+def perturbed(net, seed=0):
+    """Every parameter moved off timm's init (zero biases, 1e-5 layer scales would hide swapped keys)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(0.5 * noise) if "gamma" in name else p.add_(0.1 * noise)
+    return net
+
+
+def softmax_seen_by(attn_module, run):
+    """The probabilities timm's own non-fused path of `attn_module` feeds to its attn_drop during run()."""
+    seen = []
+    handle = attn_module.attn_drop.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    attn_module.fused_attn = False
+    try:
+        run()
+    finally:
+        attn_module.fused_attn = True
+        handle.remove()
+    return seen[0]
+
+
+def attention_output_with(attn_module, probabilities, run):
+    """(the module's own output, its output when its non-fused softmax is replaced by `probabilities`)."""
+    outputs = []
+    hook = attn_module.register_forward_hook(lambda m, args, out: outputs.append(out))
+    run()
+    replace = attn_module.attn_drop.register_forward_hook(lambda m, args, out: probabilities.to(out.dtype))
+    attn_module.fused_attn = False
+    try:
+        run()
+    finally:
+        attn_module.fused_attn = True
+        replace.remove()
+        hook.remove()
+    return outputs
+
+
+def module_io(module, run):
+    """(input, output) of `module` during run()."""
+    seen = []
+    handle = module.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+    run()
+    handle.remove()
+    return seen[0]
+
+
+def hiera_attention(attn_module, x):
+    """Hiera's global MaskUnitAttention written out: (probabilities, output)."""
+    B, T, _ = x.shape
+    q, k, v = attn_module.qkv(x).reshape(B, T, 3, attn_module.heads, -1).permute(2, 0, 3, 1, 4)
+    p = ((q * attn_module.head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
+    return p, attn_module.proj((p @ v).transpose(1, 2).reshape(B, T, -1))
+
+
+def check_capture_is_the_blocks_softmax(enc, x, label):
+    """Captured attention = the softmax timm's own code computes, and attn @ v through the module's own
+    projection gives the module's own (fused) output; capturing changes no token."""
+    with torch.no_grad():
+        fused = enc.forward_tokens(x)
+        with capture_attention(enc) as cap:
+            captured = enc.forward_tokens(x)
+        assert torch.equal(fused, captured)
+        blocks = range(enc.first_attention_block, enc.depth)
+        assert sorted(cap.records) == list(blocks)
+        tokens = enc.num_prefix_tokens + enc.grid_size[0] * enc.grid_size[1]
+        for i in blocks:
+            attn = cap.records[i]["attn"]
+            assert attn.dtype == torch.float32 and attn.shape == (len(x), enc.blocks[i].attn.num_heads, tokens, tokens)
+            module = enc.blocks[i].attn
+            if enc.family == "hiera":
+                seen_input, own = module_io(module, lambda: enc.forward_tokens(x))
+                expected, output = hiera_attention(module, seen_input)
+                assert (output - own).abs().max() < TOL, label
+            else:
+                expected = softmax_seen_by(module, lambda: enc.forward_tokens(x))
+                own, replaced = attention_output_with(module, attn, lambda: enc.forward_tokens(x))
+                assert (replaced - own).abs().max() < TOL, (label, i, (replaced - own).abs().max())
+            diff = (attn - expected).abs().max().item()
+            assert diff < 1e-6, (label, i, diff)
+            run = lambda: enc.forward_tokens(x)  # noqa: E731
+            branch, _ = module_io(enc.blocks[i].drop_path1, run)  # what the block adds from its attention
+            block_in, block_out = module_io(enc.blocks[i], run)
+            rec = cap.records[i]
+            assert (rec["attn_out_norm"] - branch.norm(dim=-1)).abs().max() < TOL, label
+            assert (rec["resid_norm"] - block_in.norm(dim=-1)).abs().max() < TOL and torch.equal(rec["out"], block_out)
+
+
+@pytest.mark.parametrize("name,arch,size", TIMM_FAMILIES, ids=[t[0] for t in TIMM_FAMILIES])
+def test_timm_family_tokens_blocks_and_attention(name, arch, size):
+    """Random weights of each family by its timm name: tokens = timm's own forward_features and
+    forward_intermediates (for --return_block), --final_norm = timm's norm, capture = the block's softmax."""
+    torch.manual_seed(0)
+    enc = perturbed(build_encoder(name, input_size=size, verbose=False, **arch))
+    reference = timm.create_model(name, pretrained=False, num_classes=0, global_pool="", img_size=size, **arch)
+    reference.load_state_dict(enc.state_dict())
+    reference.eval()
+    x = images(size)
+    with torch.no_grad():
+        if enc.family == "hiera":
+            assert_matches(f"timm {name}", enc.forward_tokens(x), reference.forward_features(x))
+            stage = reference.forward_intermediates(x, indices=[enc.first_grid_block], coarse=False,
+                                                    output_fmt="NHWC", intermediates_only=True)[0]
+            assert_matches(f"timm {name} first last-stage block", enc.forward_tokens(x, block=enc.first_grid_block),
+                           stage.flatten(1, 2))
+            with pytest.raises(ValueError, match=r"block 0 of this hiera encoder is not one whose tokens are its "
+                                                 r"final 2x2 patch grid \(use blocks"):
+                enc.forward_tokens(x, block=0)
+            with pytest.raises(ValueError, match="whose attention runs over"):
+                capture_attention(enc, blocks=[enc.first_grid_block]).__enter__()
+            with pytest.raises(ValueError, match="Hiera normalises only its pooled vector"):
+                build_encoder(name, input_size=size, verbose=False, final_norm=True, **arch)
+        else:
+            enc.final_norm = True
+            assert_matches(f"timm {name}", enc.forward_tokens(x), reference.forward_features(x))
+            enc.final_norm = False
+            if enc.family != "naflex":
+                middle = reference.forward_intermediates(x, indices=[0], return_prefix_tokens=True, norm=False,
+                                                         output_fmt="NLC", intermediates_only=True)[0]
+                patches, prefix = middle if isinstance(middle, tuple) else (middle, middle[:, :0])
+                assert_matches(f"timm {name} block 0", enc.forward_tokens(x, block=0),
+                               torch.cat([prefix, patches], dim=1))
+    check_capture_is_the_blocks_softmax(enc, x, name)
+
+
+def test_grouped_query_attention_capture():
+    """Eva's AttentionRope with fewer k/v heads than q heads (Sapiens2): k repeated per group, as timm does."""
+    net = timm_eva.Eva(img_size=48, patch_size=16, embed_dim=64, depth=2, num_heads=4, num_kv_heads=2,
+                       qkv_fused=False, attn_type="rope", use_rot_pos_emb=True, use_abs_pos_emb=False,
+                       num_classes=0, global_pool="")
+    enc = perturbed(models_vit._as_encoder(net, "gqa"))
+    check_capture_is_the_blocks_softmax(enc.eval(), images(48), "GQA")
+
+
+def test_captured_attention_is_float32_under_bf16_autocast(tmp_path):
+    """Issue 26: under bf16 autocast the scores were rounded to bf16 (steps of 0.125 near 25) before the
+    softmax; now q, k, scores and softmax are float32, matching the fp32 softmax of the block's own q and k."""
+    net = timm_vit()
+    with torch.no_grad():
+        for blk in net.blocks:  # sharpened attention: scores of tens, where bf16 rounding costs percents
+            blk.attn.qkv.weight[:128] *= 15.0
+    torch.save(net.state_dict(), tmp_path / "sharp.pth")
+    enc = load(tmp_path / "sharp.pth")
+    x = images()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with capture_attention(enc) as cap:
+            enc.forward_tokens(x)
+        inputs = [module_io(blk.attn, lambda: enc.forward_tokens(x))[0] for blk in enc.blocks]
+    worst = 0.0
+    for i, (blk, seen) in enumerate(zip(enc.blocks, inputs)):
+        B, T, D = seen.shape
+        qkv = nn.functional.linear(seen.float(), blk.attn.qkv.weight, blk.attn.qkv.bias)
+        q, k, _ = qkv.reshape(B, T, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
+        scores = (q * (D // 2) ** -0.5) @ k.transpose(-2, -1)
+        assert scores.abs().max() > 20  # really sharpened
+        attn = cap.records[i]["attn"]
+        worst = max(worst, (attn.float() - scores.softmax(-1)).abs().max().item())
+        assert attn.dtype == torch.float32
+    assert worst < 1e-5, worst

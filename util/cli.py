@@ -18,6 +18,7 @@ from util.checkpoint import NonFiniteWeights, UnsafeCheckpoint
 from util.data import find_bad_image
 from util.dist import RendezvousError, launch_env, peer_failed
 from util.errors import UserError, user_errors
+from util.release_layouts import MissingKeys, NoFinalNorm, NoPretrainedWeights, NotAStateDict, TruncatedCheckpoint
 from util.run_state import OutputDirBusy, lock_output_dir
 
 INTERRUPTED_EXIT = 130
@@ -28,6 +29,14 @@ TRUST_REMEDY = ("only if you trust its author: pass --trust_checkpoint, which ru
 ENCODER_REMEDIES = {UnsafeCheckpoint: TRUST_REMEDY,
                     FileNotFoundError: "check the --finetune path", IsADirectoryError: "pass a checkpoint file",
                     NonFiniteWeights: "use a checkpoint saved before the run diverged",
+                    NoFinalNorm: "drop --final_norm: these tokens have no final norm to apply",
+                    NoPretrainedWeights: "pick a name that timm.list_pretrained() lists, or a checkpoint file, "
+                                         "as --finetune",
+                    NotAStateDict: "pass the file that holds the weights, e.g. one written by "
+                                   "torch.save(model.state_dict(), path)",
+                    TruncatedCheckpoint: "copy or download the file again: it stops before its end",
+                    MissingKeys: "pass the timm name of the checkpoint's architecture as --model, or a complete "
+                                 "checkpoint",
                     ValueError: "pick the --model that matches the checkpoint, or set --checkpoint_key",
                     OSError: "check the --finetune path"}
 SAVE_REMEDIES = {OSError: "free some disk space, or pass another --output_dir"}
@@ -63,7 +72,7 @@ def add_encoder_arguments(parser, *, default_model="vit_base_patch16"):
     from models_vit import MODELS
 
     parser.add_argument("--model", default=default_model,
-                        help="a preset (" + ", ".join(MODELS) + ") or a timm ViT/BEiT architecture name, e.g. "
+                        help="a preset (" + ", ".join(MODELS) + ") or a timm ViT-family architecture name, e.g. "
                              "vit_small_patch14_reg4_dinov2 or beitv2_base_patch16_224")
     parser.add_argument("--finetune", default="", help="checkpoint file of any supported release (its layout is "
                         "recognised from the file; see README), or a timm pretrained name (default: random init)")

@@ -111,7 +111,7 @@ def model_architecture(model):
     try:
         return architecture(model)
     except ValueError as err:
-        raise UserError(f"{err} (pick a preset or a timm ViT/BEiT architecture as --model)") from None
+        raise UserError(f"{err} (pick a preset or a timm ViT-family architecture as --model)") from None
 
 
 def resolve_encoder(args, *, with_block=True):
