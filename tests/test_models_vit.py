@@ -689,3 +689,17 @@ def test_captured_attention_is_float32_under_bf16_autocast(tmp_path):
         worst = max(worst, (attn.float() - scores.softmax(-1)).abs().max().item())
         assert attn.dtype == torch.float32
     assert worst < 1e-5, worst
+
+
+def test_a_file_that_is_only_code_is_refused_as_such_not_as_a_wrong_layout(tmp_path):
+    """A pickle whose top level is an object asking to run code: the loader says what it asked to run (the
+    remedy is about trust), not that the file holds 'an object' of no known layout."""
+    import subprocess
+
+    from helpers import RunsCode
+    from util.checkpoint import UnsafeCheckpoint
+    marker = tmp_path / "code_ran"
+    torch.save(RunsCode(subprocess.call, ["touch", str(marker)]), tmp_path / "evil.pth")
+    with pytest.raises(UnsafeCheckpoint, match="subprocess.call"):
+        build_encoder("vit_tiny_patch16", str(tmp_path / "evil.pth"), input_size=32, verbose=False)
+    assert not marker.exists()
