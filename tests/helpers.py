@@ -92,6 +92,31 @@ def write_malicious_checkpoint(path, marker, how="subprocess", *, base=None, leg
     return Path(path)
 
 
+def fake_yacs_cfgnode(folder, monkeypatch):
+    """yacs.config.CfgNode as SimMIM pickles its config (a dict subclass carrying state in its __dict__), from a
+    module written to `folder` and importable for the test; forget_fake_yacs removes it again."""
+    (folder / "yacs").mkdir()
+    (folder / "yacs" / "__init__.py").write_text("")
+    (folder / "yacs" / "config.py").write_text(
+        "class CfgNode(dict):\n"
+        "    def __init__(self, init=None):\n"
+        "        super().__init__({k: CfgNode(v) if type(v) is dict else v for k, v in (init or {}).items()})\n"
+        "        self.__dict__['__immutable__'] = False\n"
+        "        self.__dict__['__deprecated_keys__'] = set()\n"
+        "        self.__dict__['__new_allowed__'] = False\n")
+    monkeypatch.syspath_prepend(str(folder))
+    from yacs.config import CfgNode
+    return CfgNode
+
+
+def forget_fake_yacs(folder, monkeypatch):
+    """As if yacs were not installed: what reads the file next cannot import it."""
+    import sys
+    monkeypatch.delitem(sys.modules, "yacs.config")
+    monkeypatch.delitem(sys.modules, "yacs")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(folder)])
+
+
 # ---------------------------------------------------------------------------------------------- image folders
 
 def make_image(size, seed, label, mode="RGB"):

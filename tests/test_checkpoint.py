@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import MALICE, RunsCode, write_malicious_checkpoint
+from helpers import MALICE, RunsCode, fake_yacs_cfgnode, forget_fake_yacs, write_malicious_checkpoint
 from util import checkpoint
 from util.checkpoint import UnsafeCheckpoint, load_checkpoint, save_atomic
 
@@ -101,32 +101,15 @@ def test_a_zip_file_names_every_global_it_asks_for(tmp_path):
     assert "argparse.Namespace" not in message  # allowed, so not among what it asks for
 
 
-def _fake_yacs(folder):
-    """A module laid out as yacs.config.CfgNode pickles (a dict subclass carrying state in its __dict__)."""
-    (folder / "yacs").mkdir()
-    (folder / "yacs" / "__init__.py").write_text("")
-    (folder / "yacs" / "config.py").write_text(
-        "class CfgNode(dict):\n"
-        "    def __init__(self, init=None):\n"
-        "        super().__init__({k: CfgNode(v) if type(v) is dict else v for k, v in (init or {}).items()})\n"
-        "        self.__dict__['__immutable__'] = False\n"
-        "        self.__dict__['__deprecated_keys__'] = set()\n"
-        "        self.__dict__['__new_allowed__'] = False\n")
-
-
 def test_simmim_config_loads_as_plain_data_without_yacs(tmp_path, monkeypatch):
     """SimMIM stores its yacs CfgNode next to the weights: it comes back as nested dicts, and yacs itself is never
     imported (it need not be installed), so nothing of it runs."""
     import sys
-    _fake_yacs(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    from yacs.config import CfgNode
+    CfgNode = fake_yacs_cfgnode(tmp_path, monkeypatch)
     weights = {"encoder.patch_embed.proj.weight": torch.randn(4, 3, 2, 2)}
     torch.save({"model": weights, "config": CfgNode({"MODEL": {"TYPE": "vit", "DEPTH": 12}}), "epoch": 799},
                tmp_path / "simmim.pth")
-    monkeypatch.delitem(sys.modules, "yacs.config")
-    monkeypatch.delitem(sys.modules, "yacs")
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    forget_fake_yacs(tmp_path, monkeypatch)
     loaded = load_checkpoint(tmp_path / "simmim.pth")
     assert "yacs" not in sys.modules
     assert loaded["config"] == {"MODEL": {"TYPE": "vit", "DEPTH": 12}} and loaded["epoch"] == 799

@@ -5,7 +5,6 @@ weights saved under the release's own key names and file layout; no layout flag 
 Set BEYOND_CLS_DIFF_LOG=<file> to collect the measured max abs differences per layout.
 """
 import argparse
-import fractions
 import os
 from functools import partial
 
@@ -20,6 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import models_vit
+from helpers import fake_yacs_cfgnode, forget_fake_yacs
 from models_vit import NonFiniteWeights, architecture, build_encoder, capture_attention
 
 TINY = dict(patch_size=8, embed_dim=64, depth=2, num_heads=2)  # overrides for vit_tiny_patch16
@@ -243,12 +243,14 @@ def test_dinov2_training_teacher_with_chunked_blocks(tmp_path):
 # ---------------------------------------------------------------- SimMIM, BEiT
 
 @pytest.mark.parametrize("rel,abs_pos", [("shared", False), ("block", True), ("none", True)])
-def test_simmim_checkpoint_matches_reference(tmp_path, rel, abs_pos, capsys):
+def test_simmim_checkpoint_matches_reference(tmp_path, rel, abs_pos, capsys, monkeypatch):
     sd = ref.beit_state(rel=rel, abs_pos=abs_pos)
     wrapped = {"encoder." + k: v for k, v in sd.items()}
     wrapped.update({"decoder.0.weight": torch.randn(192, 64, 1, 1), "decoder.0.bias": torch.randn(192)})
-    # SimMIM also pickles its yacs config: a non-tensor object that weights_only loading refuses
-    torch.save({"model": wrapped, "config": fractions.Fraction(1, 3)}, tmp_path / "simmim.pth")
+    # SimMIM also pickles its yacs config, which loads as plain data without yacs (util.checkpoint's allow-list)
+    config = fake_yacs_cfgnode(tmp_path, monkeypatch)({"MODEL": {"TYPE": "vit"}})
+    torch.save({"model": wrapped, "config": config}, tmp_path / "simmim.pth")
+    forget_fake_yacs(tmp_path, monkeypatch)
     enc = load(tmp_path / "simmim.pth")  # recognised without the SimMIM switch
     assert "SimMIM checkpoint" in capsys.readouterr().out
     x = images()
