@@ -5,6 +5,7 @@ import math
 import time
 from typing import Optional
 
+import numpy as np
 import torch
 from timm.optim import param_groups_weight_decay
 from tqdm import tqdm
@@ -13,9 +14,19 @@ from pretrain_models import MoCoV3, momentum_at
 from util.lr_sched import WarmupCosine
 from util.run_log import RunLog
 
+MASK_STREAM = 0x6D61736B  # "mask": the purpose word of the masks' seeds
+
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+def mask_generator(seed: int, epoch: int, device: str) -> torch.Generator:
+    """The generator of MAE's masks in one epoch, seeded from (seed, epoch, rank 0, purpose): its own stream, apart
+    from the loader's (seed, epoch, rank) shuffle and augmentation, so a resumed run draws the uninterrupted run's
+    masks whatever the number of loader workers (the global RNG serves the transforms when there are none)."""
+    state = np.random.SeedSequence([seed, epoch, 0, MASK_STREAM]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
 
 
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float,

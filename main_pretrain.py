@@ -318,9 +318,10 @@ def pretrain(config):
 
 
 def train_epoch(config, model, loader, optimizer, epoch, log):
+    masks = engine.mask_generator(config.seed, epoch, config.device) if config.method == "mae" else None
     try:
         return engine.train_one_epoch(model, loader, optimizer, epoch, schedule=config.schedule,
-                                      device=config.device, log=log, moco_m=config.moco_m)
+                                      device=config.device, log=log, moco_m=config.moco_m, mask_generator=masks)
     except engine.NonFiniteLoss as err:
         raise UserError(f"{err}; stopped, the last good checkpoint is kept (start again with a lower --blr in a "
                         "new --output_dir)") from None

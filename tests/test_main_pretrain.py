@@ -88,6 +88,18 @@ def test_masking_keeps_exactly_the_requested_share_of_each_image(patches, ratio)
     assert len({tuple(m.tolist()) for m in mask}) > 1
 
 
+def test_mae_masks_have_their_own_stream_of_seed_and_epoch():
+    x = torch.zeros(4, 64, 3)
+
+    def mask(seed, epoch, global_seed=0):
+        torch.manual_seed(global_seed)
+        return pretrain_models.MaskedAutoencoder.random_masking(x, 0.75, engine_pretrain.mask_generator(seed, epoch,
+                                                                                                        "cpu"))[1]
+    assert torch.equal(mask(0, 1), mask(0, 1, global_seed=123))  # the global RNG plays no part
+    masks = {tuple(mask(seed, epoch).flatten().tolist()) for seed in range(3) for epoch in range(3)}
+    assert len(masks) == 9  # no two (seed, epoch) share their masks: not seed 0 epoch 1 and seed 1 epoch 0 either
+
+
 def _tiny_mae():
     torch.manual_seed(0)
     return pretrain_models.build_mae("vit_mini_patch8", 32, decoder_dim=16, decoder_depth=1, decoder_heads=2,
@@ -187,6 +199,24 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_did(two_epochs, clutter)
     # the same command once more has nothing left to train and rewrites the release file
     again = train("--method", method, "--data_path", clutter, *TINY, "--output_dir", resumed)
     assert "already trained all 2 epochs" in again and (resumed / "release.pth").is_file()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_killed_mae_run_resumes_bit_for_bit_with_any_number_of_workers(clutter, tmp_path, workers):
+    """Issue 24.7: with a loader worker the transforms run in the worker, and MAE's masks used to come from the
+    main process's global RNG, which only 0 workers reseeded each epoch: a resumed run drew other masks."""
+    flags = ["--method", "mae", "--data_path", clutter, *TINY, "--num_workers", workers]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train(*flags, "--save_every", "1", "--output_dir", whole)
+    resumed.mkdir()
+    # a run killed after its first epoch left exactly this checkpoint-last.pth behind
+    (resumed / "checkpoint-last.pth").write_bytes((whole / "checkpoint-0.pth").read_bytes())
+    assert "resumed from" in train(*flags, "--output_dir", resumed)
+    a = torch.load(whole / "checkpoint-last.pth", weights_only=False)
+    b = torch.load(resumed / "checkpoint-last.pth", weights_only=False)
+    assert a["history"] == b["history"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
 
 
 def test_another_configuration_is_refused_with_one_line(two_epochs, clutter):
