@@ -29,6 +29,7 @@ from util.checkpoint import write_json_atomic
 from util.cli import (
     ENCODER_REMEDIES,
     add_encoder_arguments,
+    add_logging_arguments,
     add_runtime_arguments,
     bad_images_reported,
     take_output_dir,
@@ -62,8 +63,7 @@ def get_args_parser():
     p.add_argument("--compare", nargs="+", metavar="DIR", default=None,
                    help="only overlay the attention_stats.csv of these run folders, one figure per metric")
     p.add_argument("--tensorboard", action="store_true", help="also log the per-block values to TensorBoard")
-    p.add_argument("--wandb", action="store_true", help="log to wandb (also on when WANDB_PROJECT is set)")
-    p.add_argument("--run_name", default=None, help="wandb run name (default: the output folder's name)")
+    add_logging_arguments(p)
     return p
 
 

@@ -26,6 +26,7 @@ from util.cli import (
     SAVE_REMEDIES,
     TRUST_REMEDY,
     add_encoder_arguments,
+    add_logging_arguments,
     add_runtime_arguments,
     bad_images_reported,
     take_output_dir,
@@ -123,8 +124,7 @@ def get_args_parser():
                    help="let data workers use every core (undoes CPU pinning inherited from the launcher)")
     d.add_argument("--output_dir", default="./output_dir")
     d.add_argument("--suffix", default="", help="appended to --output_dir (one folder per variant)")
-    d.add_argument("--wandb", action="store_true", help="log to wandb (also on when WANDB_PROJECT is set)")
-    d.add_argument("--run_name", default=None, help="wandb run name (default: the output folder's name)")
+    add_logging_arguments(d)
     return p
 
 

@@ -13,6 +13,7 @@ The transformer blocks are timm's; nothing here re-implements attention.
 import copy
 import math
 from functools import partial
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +21,10 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from models_vit import MAE_DEFAULTS, MODELS, ViTEncoder, build_encoder
+from models_vit import ViTEncoder, architecture, build_encoder
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # MAE's and timm's ViT norm
+ENCODER_SIZES = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")  # MaskedAutoencoder's of a preset
 
 
 def sincos_pos_embed(grid, dim, num_prefix=1):
@@ -146,11 +148,14 @@ class MaskedAutoencoder(ViTEncoder):
         return self.forward_loss(images, pred, mask), pred, mask
 
 
-def build_mae(model, input_size, *, decoder_dim=64, decoder_depth=2, decoder_heads=4, mask_ratio=0.75,
-              norm_pix_loss=True, **arch):
-    spec = {**MAE_DEFAULTS, **MODELS[model], **arch}
-    return MaskedAutoencoder(img_size=input_size, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
-                             decoder_heads=decoder_heads, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss, **spec)
+def build_mae(model: str, input_size: int, *, decoder_dim: int = 64, decoder_depth: int = 2, decoder_heads: int = 4,
+              mask_ratio: float = 0.75, norm_pix_loss: bool = True, embed_dim: Optional[int] = None,
+              depth: Optional[int] = None, num_heads: Optional[int] = None) -> MaskedAutoencoder:
+    """A random-initialised MaskedAutoencoder of the preset `model` (embed_dim/depth/num_heads override its sizes)."""
+    arch = architecture(model, **_given(embed_dim=embed_dim, depth=depth, num_heads=num_heads))
+    return MaskedAutoencoder(img_size=input_size, **{k: arch[k] for k in ENCODER_SIZES}, decoder_dim=decoder_dim,
+                             decoder_depth=decoder_depth, decoder_heads=decoder_heads, mask_ratio=mask_ratio,
+                             norm_pix_loss=norm_pix_loss)
 
 
 # ------------------------------------------------------------------------------------------------- MoCo v3
@@ -213,8 +218,16 @@ class MoCoV3(nn.Module):
         return self.contrastive_loss(q1, k2) + self.contrastive_loss(q2, k1)
 
 
-def build_mocov3(model, input_size, *, dim=128, mlp_dim=512, temperature=0.2, **arch):
-    return MoCoV3(new_encoder(model, input_size, **arch), dim=dim, mlp_dim=mlp_dim, temperature=temperature)
+def build_mocov3(model: str, input_size: int, *, dim: int = 128, mlp_dim: int = 512, temperature: float = 0.2,
+                 embed_dim: Optional[int] = None, depth: Optional[int] = None,
+                 num_heads: Optional[int] = None) -> MoCoV3:
+    """A random-initialised MoCoV3 on the preset `model` (embed_dim/depth/num_heads override its sizes)."""
+    encoder = new_encoder(model, input_size, **_given(embed_dim=embed_dim, depth=depth, num_heads=num_heads))
+    return MoCoV3(encoder, dim=dim, mlp_dim=mlp_dim, temperature=temperature)
+
+
+def _given(**sizes):
+    return {k: v for k, v in sizes.items() if v is not None}
 
 
 def momentum_at(epoch_float, epochs, base=0.99):

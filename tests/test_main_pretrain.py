@@ -1,9 +1,11 @@
 """main_pretrain.py: MAE masking and loss on crafted batches, two real CPU epochs of each method (loss falls, the
-release file loads with build_encoder as any release would), resume and its refusals, and the shipped
-checkpoints against a random-initialised encoder on digits_clutter."""
+release file loads with build_encoder as any release would), resume and its refusals, every flag checked before
+work starts, and the shipped checkpoints against a random-initialised encoder on digits_clutter."""
 import contextlib
 import io
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine_pretrain
 import main_pretrain
 import pretrain_models
 from helpers import assert_user_error, cli_env
 from models_vit import build_encoder
 from util import digits_clutter
+from util.config import resolve_pretrain
 from util.errors import UserError
+from util.run_state import OutputLock, pretrain_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARCH = dict(embed_dim=32, depth=2, num_heads=2)
@@ -81,6 +86,18 @@ def test_masking_keeps_exactly_the_requested_share_of_each_image(patches, ratio)
         assert torch.equal(ids_restore[b].argsort(), torch.cat([kept_ids, ids_restore[b].argsort()[keep:]]))
     # different images lose different patches
     assert len({tuple(m.tolist()) for m in mask}) > 1
+
+
+def test_mae_masks_have_their_own_stream_of_seed_and_epoch():
+    x = torch.zeros(4, 64, 3)
+
+    def mask(seed, epoch, global_seed=0):
+        torch.manual_seed(global_seed)
+        return pretrain_models.MaskedAutoencoder.random_masking(x, 0.75, engine_pretrain.mask_generator(seed, epoch,
+                                                                                                        "cpu"))[1]
+    assert torch.equal(mask(0, 1), mask(0, 1, global_seed=123))  # the global RNG plays no part
+    masks = {tuple(mask(seed, epoch).flatten().tolist()) for seed in range(3) for epoch in range(3)}
+    assert len(masks) == 9  # no two (seed, epoch) share their masks: not seed 0 epoch 1 and seed 1 epoch 0 either
 
 
 def _tiny_mae():
@@ -184,6 +201,24 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_did(two_epochs, clutter)
     assert "already trained all 2 epochs" in again and (resumed / "release.pth").is_file()
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_killed_mae_run_resumes_bit_for_bit_with_any_number_of_workers(clutter, tmp_path, workers):
+    """Issue 24.7: with a loader worker the transforms run in the worker, and MAE's masks used to come from the
+    main process's global RNG, which only 0 workers reseeded each epoch: a resumed run drew other masks."""
+    flags = ["--method", "mae", "--data_path", clutter, *TINY, "--num_workers", workers]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train(*flags, "--save_every", "1", "--output_dir", whole)
+    resumed.mkdir()
+    # a run killed after its first epoch left exactly this checkpoint-last.pth behind
+    (resumed / "checkpoint-last.pth").write_bytes((whole / "checkpoint-0.pth").read_bytes())
+    assert "resumed from" in train(*flags, "--output_dir", resumed)
+    a = torch.load(whole / "checkpoint-last.pth", weights_only=False)
+    b = torch.load(resumed / "checkpoint-last.pth", weights_only=False)
+    assert a["history"] == b["history"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
 def test_another_configuration_is_refused_with_one_line(two_epochs, clutter):
     method, out, _ = two_epochs
     before = (out / "checkpoint-last.pth").read_bytes()
@@ -204,22 +239,170 @@ def test_user_errors_are_one_line_on_the_command_line(tmp_path):
         train("--method", "mae", "--mask_ratio", "1.5", "--output_dir", tmp_path)
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (["--seed", "-1"], "--seed -1 is out of range"),
-    (["--device", "tpu"], "--device 'tpu'"),
-    (["--blr", "nan"], "is not a finite number"),
-    (["--num_workers", "-1"], "--num_workers -1 must be at least 0"),
-    (["--data_path", "pets"], "main_pretrain.py reads digits_clutter, digits or an ImageFolder root"),
+@pytest.mark.parametrize("method, flags, expected", [
+    ("mocov3", ["--seed", "-1"], "--seed -1 is out of range"),
+    ("mocov3", ["--device", "tpu"], "--device 'tpu'"),
+    ("mocov3", ["--blr", "nan"], "--blr nan is not a finite number"),
+    ("mocov3", ["--num_workers", "-1"], "--num_workers -1 must be at least 0"),
+    ("mocov3", ["--data_path", "pets"], "main_pretrain.py reads digits_clutter, digits or an ImageFolder root"),
+    ("mae", ["--min_lr", "-1"], "--min_lr -1 is below 0"),
+    ("mae", ["--min_lr", "1"], "--min_lr 1 exceeds the peak lr 0.00125"),  # TINY: 1e-2 * batch 32 / 256
+    ("mae", ["--weight_decay", "-1"], "--weight_decay -1 is below 0"),
+    ("mae", ["--lr", "0"], "--lr 0 must be greater than 0"),
+    ("mae", ["--crop_min", "0"], "--crop_min 0 must be greater than 0"),
+    ("mae", ["--crop_min", "1.5"], r"--crop_min 1.5 must be in \(0, 1\]"),
+    ("mae", ["--warmup_epochs", "3"], "--warmup_epochs 3 must be between 0 and --epochs 2"),
+    ("mae", ["--epochs", "0"], "--epochs 0 must be at least 1"),
+    ("mae", ["--save_every", "-1"], "--save_every -1 must be at least 0"),
+    ("mae", ["--max_images", "1"], "--max_images 1 must be at least 2"),
+    ("mae", ["--mask_ratio", "1.5"], "--mask_ratio 1.5 must be between 0 and 1"),
+    ("mae", ["--mask_ratio", "0.99"], "--mask_ratio 0.99 keeps 0 of the 16 patches"),
+    ("mae", ["--decoder_heads", "3"], "--decoder_dim 64 must be divisible by 4 .* and by --decoder_heads 3"),
+    ("mae", ["--decoder_dim", "30", "--decoder_heads", "2"], "--decoder_dim 30 must be divisible by 4"),
+    ("mae", ["--decoder_heads", "0"], "--decoder_heads 0 must be at least 1"),
+    ("mae", ["--num_heads", "3"], "width 32 must be divisible by 4 .* and by the 3 heads"),
+    ("mae", ["--input_size", "36"], "--input_size 36 is not divisible by the patch size 8"),
+    ("mae", ["--model", "vit_small_patch14_reg4_dinov2"], "unknown model 'vit_small_patch14_reg4_dinov2' for "
+                                                          "pretraining"),
+    ("mocov3", ["--moco_t", "-0.2"], "--moco_t -0.2 must be greater than 0"),
+    ("mocov3", ["--moco_t", "0"], "--moco_t 0 must be greater than 0"),
+    ("mocov3", ["--moco_m", "2"], "--moco_m 2 must be below 1"),
+    ("mocov3", ["--moco_m", "-0.5"], "--moco_m -0.5 is below 0"),
+    ("mocov3", ["--batch_size", "1"], "--batch_size 1 must be at least 2"),
+    ("mocov3", ["--moco_dim", "0"], "--moco_dim 0 must be at least 1"),
+    ("mocov3", ["--resume", "/no/such/checkpoint-last.pth"], "--resume /no/such/checkpoint-last.pth is not a file"),
 ])
-def test_flags_are_checked_before_any_work(tmp_path, flags, expected):
+def test_flags_are_checked_before_any_work(tmp_path, method, flags, expected):
     out = tmp_path / "out"
     with pytest.raises(UserError, match=expected) as err:
-        train("--method", "mocov3", *flags, "--output_dir", out)
-    assert "\n" not in str(err.value) and not out.exists()
+        train("--method", method, *TINY, *flags, "--output_dir", out)
+    message = str(err.value)
+    assert "\n" not in message and message.endswith(")") and " (" in message, message
+    assert not out.exists()
+
+
+def test_a_zero_temperature_is_named_on_the_command_line(tmp_path):
+    """--moco_t 0 used to train until the loss was inf and then blamed --blr."""
+    completed = subprocess.run([sys.executable, str(ROOT / "main_pretrain.py"), "--method", "mocov3", *TINY,
+                                "--moco_t", "0", "--output_dir", str(tmp_path / "out")], cwd=ROOT,
+                               env=cli_env(OMP_NUM_THREADS=1), capture_output=True, text=True, timeout=300)
+    assert_user_error(completed, "--moco_t 0")
+    assert "--blr" not in completed.stderr and not (tmp_path / "out").exists()
+
+
+def _make_flags(target):
+    """The flags of main_pretrain.py in the Makefile's `target` recipe."""
+    recipe = re.search(rf"^{target}:.*?\n((?:\t.*\\\n)*\t.*)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    words = shlex.split(recipe.replace("\\\n", " "))
+    return words[words.index("main_pretrain.py") + 1:]
+
+
+@pytest.mark.parametrize("method", ["mae", "mocov3"])
+def test_the_identity_is_what_the_shipped_files_record(method):
+    """The allow-list of pretrain_identity gives, for the Makefile's command, the very dict (keys, order, values,
+    types) that the shipped release file records as its configuration."""
+    args = main_pretrain.get_args_parser().parse_args([*_make_flags(f"pretrain-{method}"), "--device", "cpu"])
+    identity = pretrain_identity(resolve_pretrain(args))
+    shipped = torch.load(SHIPPED[method], map_location="cpu", weights_only=True)["config"]
+    assert list(identity.items()) == list(shipped.items())
+    assert [type(v) for v in identity.values()] == [type(v) for v in shipped.values()]
+
+
+def test_resume_ignores_what_does_not_change_the_experiment(two_epochs, clutter, tmp_path):
+    """Output, logging, workers and saving are not part of the identity: a resume may change them."""
+    method, out, _ = two_epochs
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "checkpoint-last.pth").write_bytes((out / "checkpoint-0.pth").read_bytes())
+    printed = train("--method", method, "--data_path", clutter, *TINY, "--output_dir", resumed, "--save_every", "2",
+                    "--release_path", tmp_path / "elsewhere" / "encoder.pth", "--run_name", "x")
+    assert "resumed from" in printed and (tmp_path / "elsewhere" / "encoder.pth").is_file()
+
+
+def test_the_epoch_is_logged_before_its_checkpoint_and_trimmed_on_resume(monkeypatch, clutter, tmp_path):
+    """A kill between an epoch's log line and its checkpoint: the line is there, and the resumed run, which trains
+    that epoch again, logs it once."""
+    def killed_at_epoch_1(ckpt, path):
+        if ckpt["epoch"] == 1:
+            raise KeyboardInterrupt
+        saved(ckpt, path)
+
+    saved = main_pretrain.save_atomic
+    monkeypatch.setattr(main_pretrain, "save_atomic", killed_at_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train("--method", "mae", "--data_path", clutter, *TINY, "--output_dir", tmp_path)
+    assert [line["epoch"] for line in epochs_logged(tmp_path)] == [0, 1]
+    assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)["epoch"] == 0
+    monkeypatch.setattr(main_pretrain, "save_atomic", saved)
+    printed = train("--method", "mae", "--data_path", clutter, *TINY, "--output_dir", tmp_path)
+    assert "resumed from" in printed and "epoch 1:" in printed
+    assert [line["epoch"] for line in epochs_logged(tmp_path)] == [0, 1]
+
+
+def test_a_release_path_over_the_training_state_is_refused_before_training(two_epochs, clutter, tmp_path):
+    method, out, _ = two_epochs
+    before = {f.name: f.read_bytes() for f in out.glob("checkpoint-*.pth")}
+    for own in ("checkpoint-last.pth", "checkpoint-0.pth"):
+        with pytest.raises(UserError, match=f"--release_path {re.escape(str(out / own))} is a training checkpoint "
+                                            r"of this run .*\(pass another --release_path"):
+            train("--method", method, "--data_path", clutter, *TINY, "--output_dir", out, "--release_path", out / own)
+    assert {f.name: f.read_bytes() for f in out.glob("checkpoint-*.pth")} == before
+    with pytest.raises(UserError, match="is a training checkpoint of this run"):  # --export onto its own input
+        train("--export", out / "checkpoint-last.pth", "--release_path", out / "checkpoint-last.pth")
+    assert (out / "checkpoint-last.pth").read_bytes() == before["checkpoint-last.pth"]
+
+
+def test_an_unwritable_release_path_is_refused_before_training(clutter, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    cases = {tmp_path: f"--release_path {tmp_path} is a folder",
+             a_file / "encoder.pth": f"--release_path {a_file / 'encoder.pth'} cannot be written: {a_file} is not a "
+                                     "writable folder"}
+    for path, expected in cases.items():
+        out = tmp_path / "out"
+        with pytest.raises(UserError, match=re.escape(expected) + r".*\(pass .*--release_path"):
+            train("--method", "mae", "--data_path", clutter, *TINY, "--output_dir", out, "--release_path", path)
+        assert not out.exists()
+
+
+def test_export_is_checked_and_takes_the_lock_of_its_folder(two_epochs, tmp_path):
+    method, out, _ = two_epochs
+    with pytest.raises(UserError, match=r"--export needs --release_path"):
+        train("--export", out / "checkpoint-last.pth")
+    with pytest.raises(UserError, match=r"--export .*missing.pth is not a file"):
+        train("--export", out / "missing.pth", "--release_path", tmp_path / "r.pth")
+    lock = OutputLock(tmp_path).acquire()
+    try:
+        with pytest.raises(UserError, match=r"in use by another run \(PID \d+\)"):
+            train("--export", out / "checkpoint-last.pth", "--release_path", tmp_path / "r.pth")
+    finally:
+        lock.release()
+    assert not (tmp_path / "r.pth").exists()
+    train("--export", out / "checkpoint-0.pth", "--release_path", tmp_path / "r.pth")
+    release = torch.load(tmp_path / "r.pth", weights_only=True)
+    assert release["epoch"] == 0 and release["method"] == method
+
+
+def test_a_non_finite_loss_stops_the_epoch_before_any_step(clutter):
+    """engine_pretrain raises NonFiniteLoss (a plain exception) and leaves the weights as they were."""
+    from util.data import build_loader
+    from util.lr_sched import WarmupCosine
+    from util.run_log import RunLog
+
+    model = _tiny_mae()
+    with torch.no_grad():
+        model.decoder_pred.bias.fill_(float("nan"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = engine_pretrain.build_optimizer(model, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95))
+    loader = build_loader(torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32), torch.zeros(8)), 4, train=True)
+    with pytest.raises(engine_pretrain.NonFiniteLoss, match="the loss became nan at epoch 0 step 0"):
+        engine_pretrain.train_one_epoch(model, loader, optimizer, 0, schedule=WarmupCosine(1, 0), device="cpu",
+                                        log=RunLog("", enabled=False))
+    for key, value in model.state_dict().items():
+        assert torch.allclose(value, before[key], rtol=0, atol=0, equal_nan=True), key
 
 
 def test_a_second_run_on_a_locked_output_dir_is_refused(tmp_path, clutter):
-    from util.run_state import OutputLock
     lock = OutputLock(tmp_path).acquire()
     try:
         with pytest.raises(UserError, match=r"in use by another run \(PID \d+\) \(wait for it to finish"):

@@ -1,4 +1,4 @@
-"""What both entry points share at the command line: the encoder and runtime flags, and how a run ends.
+"""What the entry points share at the command line: the encoder and runtime flags, and how a run ends.
 
 A user's mistake ends in one line `error: <problem> (<what to do>)` on stderr and exit code 2, without a
 traceback. Under a launcher (torchrun) the line is printed once: by rank 0, or by the rank whose own share of the
@@ -67,13 +67,20 @@ def bad_images_reported(remedy, *, rank_local=False):
         raise error from None
 
 
-def add_encoder_arguments(parser, *, default_model="vit_base_patch16"):
-    """--model, --finetune, --checkpoint_key, --simmim, --trust_checkpoint, --no_cls_token, --input_size."""
+def add_model_arguments(parser, *, default_model, default_input_size, timm_names=True):
+    """--model and --input_size; `timm_names`: --model also takes a timm ViT-family architecture name."""
     from models_vit import MODELS
 
-    parser.add_argument("--model", default=default_model,
-                        help="a preset (" + ", ".join(MODELS) + ") or a timm ViT-family architecture name, e.g. "
-                             "vit_small_patch14_reg4_dinov2 or beitv2_base_patch16_224")
+    more = (" or a timm ViT-family architecture name, e.g. vit_small_patch14_reg4_dinov2 or beitv2_base_patch16_224"
+            if timm_names else "")
+    parser.add_argument("--model", default=default_model, help="a preset (" + ", ".join(MODELS) + ")" + more)
+    parser.add_argument("--input_size", type=int, default=default_input_size,
+                        help="image side in pixels (a multiple of the patch)")
+
+
+def add_encoder_arguments(parser, *, default_model="vit_base_patch16"):
+    """--model, --input_size, --finetune, --checkpoint_key, --simmim, --trust_checkpoint, --no_cls_token."""
+    add_model_arguments(parser, default_model=default_model, default_input_size=224)
     parser.add_argument("--finetune", default="", help="checkpoint file of any supported release (its layout is "
                         "recognised from the file; see README), or a timm pretrained name (default: random init)")
     parser.add_argument("--checkpoint_key", default="", help="sub-model or entry to read (default: the one the "
@@ -85,17 +92,23 @@ def add_encoder_arguments(parser, *, default_model="vit_base_patch16"):
                              "refused")
     parser.add_argument("--no_cls_token", action="store_true", help="random encoder without [cls]; a checkpoint "
                         "without one is recognised without this flag")
-    parser.add_argument("--input_size", type=int, default=224, help="image side in pixels (a multiple of the patch)")
 
 
-def add_runtime_arguments(parser, *, amp_default):
-    """--device, --amp, --seed, --num_workers."""
+def add_runtime_arguments(parser, *, amp_default, num_workers_default=8):
+    """--device, --amp (amp_default None: no --amp, the run is float32), --seed, --num_workers."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--amp", choices=["bfloat16", "float16", "none"], default=amp_default,
-                        help="autocast dtype of the frozen forward and the heads")
+    if amp_default is not None:
+        parser.add_argument("--amp", choices=["bfloat16", "float16", "none"], default=amp_default,
+                            help="autocast dtype of the frozen forward and the heads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_workers", type=int, default=8, help="data loading processes")
+    parser.add_argument("--num_workers", type=int, default=num_workers_default, help="data loading processes")
+
+
+def add_logging_arguments(parser):
+    """--wandb, --run_name."""
+    parser.add_argument("--wandb", action="store_true", help="log to wandb (also on when WANDB_PROJECT is set)")
+    parser.add_argument("--run_name", default=None, help="wandb run name (default: the output folder's name)")
 
 
 def _report(line, rank_local):

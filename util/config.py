@@ -1,4 +1,5 @@
-"""The resolved configuration of a linear-probing run: parsed flags in, one frozen, typed value out.
+"""The resolved configuration of a run (linear probing, attention statistics, pretraining): parsed flags in, one
+frozen, typed value out.
 
 Every value is validated here, before any weights or data are read, and nothing changes afterwards: the engine,
 the run state and the checkpoints read this object, never the argparse namespace. This is the CLI edge, so its
@@ -6,6 +7,7 @@ errors are `UserError`s naming flags.
 """
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Tuple
 
@@ -13,6 +15,7 @@ import torch
 
 from heads import HEADS, HeadOptions, resolve_head
 from util.dist import launch_env
+from util.data import NAMED_SETS
 from util.errors import UserError
 from util.lr_sched import WarmupCosine, scaled_lr
 from util.subsets import FRACTION, LIST, PER_CLASS, TrainSubset
@@ -373,3 +376,207 @@ def resolve_stats(args):
                        output_dir=os.path.expanduser(args.output_dir), draw_2d_embeddings=args.draw_2d_embeddings,
                        skip_bad_images=args.skip_bad_images, tensorboard=args.tensorboard, wandb=args.wandb,
                        run_name=args.run_name)
+
+
+# ------------------------------------------------------------------------------------------------ pretraining
+
+# Each method's published recipe (MAE: main_pretrain.py; MoCo v3: main_moco.py for ViTs); flags override them.
+PRETRAIN_RECIPES = {
+    "mae": dict(blr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), crop_min=0.2),
+    "mocov3": dict(blr=1.5e-4, weight_decay=0.1, betas=(0.9, 0.999), crop_min=0.08),
+}
+# What main_pretrain.py writes into its --output_dir: a --release_path there would overwrite the training state.
+PRETRAIN_CHECKPOINT = re.compile(r"checkpoint-(last|\d+)\.pth")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The resolved configuration of main_pretrain.py: its flags with the method's recipe filled in, validated.
+
+    `lr` is --lr as given (None: from --blr), `peak_lr` the lr the schedule peaks at; `release_path` is absolute.
+    """
+    method: str
+    model: str
+    input_size: int
+    embed_dim: Optional[int]
+    depth: Optional[int]
+    num_heads: Optional[int]
+    batch_size: int
+    epochs: int
+    warmup_epochs: int
+    blr: float
+    lr: Optional[float]
+    peak_lr: float
+    min_lr: float
+    weight_decay: float
+    betas: Tuple[float, float]
+    crop_min: float
+    max_images: Optional[int]
+    seed: int
+    mask_ratio: float
+    norm_pix_loss: bool
+    decoder_dim: int
+    decoder_depth: int
+    decoder_heads: int
+    moco_dim: int
+    moco_mlp_dim: int
+    moco_t: float
+    moco_m: float
+    data_path: str
+    num_workers: int
+    device: str
+    output_dir: str
+    resume: str
+    release_path: str
+    release_fp16: bool
+    save_every: int
+    wandb: bool
+    run_name: Optional[str]
+
+    @property
+    def schedule(self) -> WarmupCosine:
+        return WarmupCosine(self.epochs, self.warmup_epochs, self.min_lr)
+
+    @property
+    def arch_overrides(self) -> dict:
+        """--embed_dim/--depth/--num_heads as given: the sizes that replace the preset's."""
+        sizes = dict(embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads)
+        return {k: v for k, v in sizes.items() if v is not None}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """main_pretrain.py --export: the training checkpoint to read and where its release file goes."""
+    export: str
+    release_path: str
+    release_fp16: bool
+
+
+def _pretrain_architecture(model, overrides, input_size):
+    """The preset's sizes with the overrides applied, checked the way MAE and MoCo v3 build their ViTs."""
+    from models_vit import MODELS, architecture
+
+    require(model in MODELS, f"unknown model '{model}' for pretraining (choose one of {', '.join(MODELS)})")
+    for name, value in overrides.items():
+        at_least(value, f"--{name}", 1)
+    arch = architecture(model, **overrides)
+    width, heads, patch = arch["embed_dim"], arch["num_heads"], arch["patch_size"]
+    require(width % heads == 0 and width % 4 == 0, f"width {width} must be divisible by 4 (sin-cos positions) and by "
+                                                   f"the {heads} heads (change --embed_dim or --num_heads)")
+    require(input_size >= 1 and input_size % patch == 0, f"--input_size {input_size} is not divisible by the patch "
+                                                         f"size {patch} (use a multiple of {patch})")
+    return arch
+
+
+def _mae_flags(args, patches):
+    ratio = finite(args.mask_ratio, "--mask_ratio")
+    require(0 < ratio < 1, f"--mask_ratio {ratio:g} must be between 0 and 1 (MAE uses 0.75)")
+    keep = int(round(patches * (1 - ratio)))
+    require(0 < keep < patches, f"--mask_ratio {ratio:g} keeps {keep} of the {patches} patches of an image (MAE "
+                                "needs at least one kept and one masked patch; pass e.g. --mask_ratio 0.75)")
+    at_least(args.decoder_dim, "--decoder_dim", 1)
+    at_least(args.decoder_depth, "--decoder_depth", 0)
+    at_least(args.decoder_heads, "--decoder_heads", 1)
+    dim, heads = args.decoder_dim, args.decoder_heads
+    require(dim % heads == 0 and dim % 4 == 0, f"--decoder_dim {dim} must be divisible by 4 (sin-cos positions) and "
+                                               f"by --decoder_heads {heads} (e.g. --decoder_dim 64 --decoder_heads 4)")
+
+
+def _moco_flags(args):
+    at_least(args.batch_size, "--batch_size", 2)  # the projector's BatchNorm and InfoNCE's negatives need two
+    at_least(args.moco_dim, "--moco_dim", 1)
+    at_least(args.moco_mlp_dim, "--moco_mlp_dim", 1)
+    finite(args.moco_t, "--moco_t", above=0)
+    momentum = finite(args.moco_m, "--moco_m", minimum=0)
+    require(momentum < 1, f"--moco_m {momentum:g} must be below 1 (the momentum rises from it to 1; MoCo v3 uses "
+                          "0.99)")
+
+
+def _release_path(text, *, run_folder, own_files):
+    """--release_path, absolute, if a file can be written there and it is neither one of `own_files` nor a training
+    checkpoint in `run_folder`; checked before training, not after the last epoch."""
+    path = os.path.abspath(os.path.expanduser(text))
+    require(not os.path.isdir(path), f"--release_path {text} is a folder (pass a file path, e.g. "
+                                     f"--release_path {os.path.join(text, 'release.pth')})")
+    real = os.path.realpath(path)
+    ours = real in {os.path.realpath(f) for f in own_files if f} or (
+        os.path.dirname(real) == os.path.realpath(run_folder) and PRETRAIN_CHECKPOINT.fullmatch(os.path.basename(real)))
+    require(not ours, f"--release_path {text} is a training checkpoint of this run and would be overwritten (pass "
+                      "another --release_path, e.g. release.pth in the output folder)")
+    folder = os.path.dirname(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    require(os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK),
+            f"--release_path {text} cannot be written: {folder} is not a writable folder (pass another "
+            "--release_path)")
+    return path
+
+
+def resolve_export(args):
+    """ExportConfig from main_pretrain's --export, --release_path and --release_fp16, or a UserError."""
+    require(os.path.isfile(os.path.expanduser(args.export)), f"--export {args.export} is not a file (pass the "
+            "checkpoint-last.pth or checkpoint-<epoch>.pth of a main_pretrain.py run)")
+    require(args.release_path, "--export needs --release_path (where to write the release-layout file)")
+    export = os.path.abspath(os.path.expanduser(args.export))
+    return ExportConfig(export=export,
+                        release_path=_release_path(args.release_path, run_folder=os.path.dirname(export),
+                                                   own_files=[export]),
+                        release_fp16=args.release_fp16)
+
+
+def resolve_pretrain(args):
+    """PretrainConfig from main_pretrain's parsed arguments, or a UserError naming the first bad flag."""
+    require(args.method is not None, "--method is required (pass --method mae or --method mocov3)")
+    device = resolve_device(args.device)
+    at_least(args.batch_size, "--batch_size", 1)
+    at_least(args.epochs, "--epochs", 1)
+    require(0 <= args.warmup_epochs <= args.epochs,
+            f"--warmup_epochs {args.warmup_epochs} must be between 0 and --epochs {args.epochs} (pass "
+            f"--warmup_epochs 0..{args.epochs})")
+    at_least(args.num_workers, "--num_workers", 0)
+    at_least(args.save_every, "--save_every", 0)
+    require(0 <= args.seed <= MAX_SEED, f"--seed {args.seed} is out of range (use 0..{MAX_SEED})")
+    require(str(args.data_path).partition(":")[0] not in NAMED_SETS,
+            f"--data_path {args.data_path}: main_pretrain.py reads digits_clutter, digits or an ImageFolder root "
+            "(pass one of those)")
+    if args.max_images is not None:
+        require(args.max_images >= 2, f"--max_images {args.max_images} must be at least 2 (or leave it out)")
+    overrides = {k: getattr(args, k) for k in ("embed_dim", "depth", "num_heads") if getattr(args, k) is not None}
+    arch = _pretrain_architecture(args.model, overrides, args.input_size)
+
+    recipe = PRETRAIN_RECIPES[args.method]
+    blr = finite(recipe["blr"] if args.blr is None else args.blr, "--blr", above=0)
+    peak_lr = finite(scaled_lr(blr, args.batch_size) if args.lr is None else args.lr,
+                     "--lr" if args.lr is not None else "the lr from --blr", above=0)
+    finite(args.min_lr, "--min_lr", minimum=0)
+    require(args.min_lr <= peak_lr, f"--min_lr {args.min_lr:g} exceeds the peak lr {peak_lr:.4g} (pass a --min_lr "
+                                    "below the lr, e.g. 0)")
+    weight_decay = finite(recipe["weight_decay"] if args.weight_decay is None else args.weight_decay,
+                          "--weight_decay", minimum=0)
+    crop_min = finite(recipe["crop_min"] if args.crop_min is None else args.crop_min, "--crop_min", above=0)
+    require(crop_min <= 1, f"--crop_min {crop_min:g} must be in (0, 1] (the smallest crop's share of the image)")
+    if args.method == "mae":
+        _mae_flags(args, (args.input_size // arch["patch_size"]) ** 2)
+    else:
+        _moco_flags(args)
+
+    output_dir = os.path.expanduser(args.output_dir)
+    resume = os.path.expanduser(args.resume) if args.resume else ""
+    require(not resume or os.path.isfile(resume), f"--resume {args.resume} is not a file (pass the "
+                                                  "checkpoint-last.pth of a main_pretrain.py run)")
+    release_path = _release_path(args.release_path or os.path.join(output_dir, "release.pth"),
+                                 run_folder=output_dir, own_files=[resume])
+    return PretrainConfig(
+        method=args.method, model=args.model, input_size=args.input_size, embed_dim=args.embed_dim,
+        depth=args.depth, num_heads=args.num_heads, batch_size=args.batch_size, epochs=args.epochs,
+        warmup_epochs=args.warmup_epochs, blr=blr, lr=args.lr, peak_lr=peak_lr, min_lr=args.min_lr,
+        weight_decay=weight_decay, betas=recipe["betas"], crop_min=crop_min, max_images=args.max_images,
+        seed=args.seed, mask_ratio=args.mask_ratio, norm_pix_loss=args.norm_pix_loss, decoder_dim=args.decoder_dim,
+        decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads, moco_dim=args.moco_dim,
+        moco_mlp_dim=args.moco_mlp_dim, moco_t=args.moco_t, moco_m=args.moco_m, data_path=str(args.data_path),
+        num_workers=args.num_workers, device=device, output_dir=output_dir, resume=resume,
+        release_path=release_path, release_fp16=args.release_fp16, save_every=args.save_every, wandb=args.wandb,
+        run_name=args.run_name)

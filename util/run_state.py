@@ -192,6 +192,20 @@ def experiment_identity(config, *, encoder_source, oracle_source, classes, nb_cl
     }
 
 
+def pretrain_identity(config):
+    """The settings that define a pretraining experiment (util.config.PretrainConfig): what main_pretrain.py
+    records as its checkpoints' and release files' "config" and a resume must match. Output, logging, device and
+    worker settings are not in it. Sorted by name, as those files have always held it (part of their bytes)."""
+    c = config
+    return {"batch_size": c.batch_size, "blr": c.blr, "crop_min": c.crop_min, "data_path": c.data_path,
+            "decoder_depth": c.decoder_depth, "decoder_dim": c.decoder_dim, "decoder_heads": c.decoder_heads,
+            "depth": c.depth, "embed_dim": c.embed_dim, "epochs": c.epochs, "input_size": c.input_size, "lr": c.lr,
+            "mask_ratio": c.mask_ratio, "max_images": c.max_images, "method": c.method, "min_lr": c.min_lr,
+            "moco_dim": c.moco_dim, "moco_m": c.moco_m, "moco_mlp_dim": c.moco_mlp_dim, "moco_t": c.moco_t,
+            "model": c.model, "norm_pix_loss": c.norm_pix_loss, "num_heads": c.num_heads, "seed": c.seed,
+            "warmup_epochs": c.warmup_epochs, "weight_decay": c.weight_decay}
+
+
 # What the heads were trained on and for: no resume, explicit or not, may change it.
 STRUCTURE = ("probes", "nb_classes", "classes", "model", "head_options", "return_block", "final_norm")
 
