@@ -14,8 +14,8 @@ from typing import Optional, Tuple
 import torch
 
 from heads import HEADS, HeadOptions, resolve_head
-from util.dist import launch_env
 from util.data import NAMED_SETS
+from util.dist import launch_env
 from util.errors import UserError
 from util.lr_sched import WarmupCosine, scaled_lr
 from util.subsets import FRACTION, LIST, PER_CLASS, TrainSubset
