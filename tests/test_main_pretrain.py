@@ -16,7 +16,7 @@ import torch
 import engine_pretrain
 import main_pretrain
 import pretrain_models
-from helpers import assert_user_error, cli_env
+from helpers import assert_user_error, cli_env, write_malicious_checkpoint
 from models_vit import build_encoder
 from util import digits_clutter
 from util.config import resolve_pretrain
@@ -448,3 +448,21 @@ def test_shipped_checkpoints_beat_a_random_encoder_on_knn():
     floor = sum(floors) / len(floors)
     report = ", ".join(f"{m} {v:.1f}" for m, v in top1.items()) + f" vs random {floor:.1f} (seeds: {floors})"
     assert all(top1[m] >= floor + gain for m, gain in KNN_GAIN.items()), f"k-NN top-1: {report}"
+
+
+def test_resume_and_export_never_run_code_from_a_checkpoint(two_epochs, clutter, tmp_path):
+    """main_pretrain reads its own checkpoints only, through the safe loader: one with code inside is refused for
+    what it asks to run, on the command line as one error line, and nothing of it runs."""
+    method, out, _ = two_epochs
+    heads = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    marker = tmp_path / "code_ran"
+    evil = write_malicious_checkpoint(tmp_path / "checkpoint-last.pth", marker, "nested", base=heads)
+
+    def cli(*argv):
+        return subprocess.run([sys.executable, str(ROOT / "main_pretrain.py"), *map(str, argv)], cwd=ROOT,
+                              env=cli_env(OMP_NUM_THREADS=1), capture_output=True, text=True, timeout=300)
+    resumed = cli("--method", method, "--data_path", clutter, *TINY, "--output_dir", tmp_path)  # auto-resume
+    assert_user_error(resumed, str(evil), "asks to run subprocess.call")
+    exported = cli("--export", evil, "--release_path", tmp_path / "release.pth")
+    assert_user_error(exported, str(evil), "asks to run subprocess.call")
+    assert not marker.exists() and not (tmp_path / "release.pth").exists()
