@@ -311,8 +311,8 @@ def _rss_mib():
 
 
 def eval_cache(report):
-    """engine.EvalTokenCache: host memory per process as CacheLayout predicts, nothing left on the GPU."""
-    report("### eval cache memory per process (engine_linprobe.EvalTokenCache)", "")
+    """engine.TokenCache: host memory per process as CacheLayout predicts, nothing left on the GPU."""
+    report("### eval cache memory per process (engine_linprobe.TokenCache)", "")
     model, n, batch = ("vit_base_patch16", 2048, 256) if CUDA else ("vit_tiny_patch16", 32, 16)
     torch.manual_seed(0)
     encoder = build_encoder(model, verbose=False).eval().to(DEVICE)
@@ -326,7 +326,7 @@ def eval_cache(report):
         layout = engine.cache_layout(probes, encoder)
         tokens_fn = engine.FrozenTokens(encoder, device=DEVICE, amp="bfloat16" if CUDA else "none",
                                         need_attention="ca4" in heads)
-        cache = engine.EvalTokenCache(layout, n, device=DEVICE)
+        cache = engine.TokenCache(layout, n, device=DEVICE)
         predicted = n * layout.bytes_per_image() / 2 ** 20
         gpu_before = torch.cuda.memory_allocated() if CUDA else 0
         rss_before = _rss_mib()

@@ -265,7 +265,7 @@ def test_cached_eval_tokens_equal_fresh_ones_and_skip_the_encoder(encoder, datas
     loader = build_loader(dataset, 16, train=False)
     fresh = engine.evaluate(engine.FrozenTokens(encoder, device="cpu"), probe_set, loader, device="cpu")
     layout = engine.cache_layout(probe_set, encoder)
-    tokens_fn, cache = CountingTokens(encoder), engine.EvalTokenCache(layout, len(dataset))
+    tokens_fn, cache = CountingTokens(encoder), engine.TokenCache(layout, len(dataset))
     first = engine.evaluate(tokens_fn, probe_set, loader, device="cpu", cache=cache)
     assert tokens_fn.calls == len(loader)
     second = engine.evaluate(tokens_fn, probe_set, loader, device="cpu", cache=cache)
@@ -281,7 +281,7 @@ def test_eval_cache_of_cls_heads_keeps_only_cls(encoder, dataset):
     assert layout.bytes_per_image() == 32 * 4  # one float32 token of width 32
     loader = build_loader(dataset, 16, train=False)
     fresh = engine.evaluate(engine.FrozenTokens(encoder, device="cpu"), probe_set, loader, device="cpu")
-    cache = engine.EvalTokenCache(layout, len(dataset))
+    cache = engine.TokenCache(layout, len(dataset))
     engine.evaluate(engine.FrozenTokens(encoder, device="cpu"), probe_set, loader, device="cpu", cache=cache)
     assert cache.buffers["tokens"].shape == (48, 1, 32) and "attn" not in cache.buffers
     assert engine.evaluate(None, probe_set, loader, device="cpu", cache=cache) == fresh
@@ -319,7 +319,7 @@ def test_eval_cache_keeps_every_attention_row_the_heads_read(family):
                                                        has_cls=enc.has_class_token)}).eval()
         layout = engine.cache_layout(probe_set, enc)
         assert 0 < len(layout.attn_rows) <= 16 < layout.keys
-        cache = engine.EvalTokenCache(layout, 3)
+        cache = engine.TokenCache(layout, 3)
         list(cache.batches(lambda images: batch, [(None, torch.arange(3))]))
         (cached, _), = cache.batches(None, None)
         kept = torch.zeros_like(batch.attn)
@@ -342,7 +342,7 @@ def test_eval_cache_keeps_mae_scale_tokens_exactly():
     with torch.no_grad():
         probe_set(tokens_fn(torch.arange(48)))  # BatchNorm statistics of these features
     fresh = engine.evaluate(tokens_fn, probe_set, loader, device="cpu")
-    cache = engine.EvalTokenCache(engine.cache_layout(probe_set, SimpleEncoder()), 48)
+    cache = engine.TokenCache(engine.cache_layout(probe_set, SimpleEncoder()), 48)
     engine.evaluate(tokens_fn, probe_set, loader, device="cpu", cache=cache)
     assert torch.equal(cache.buffers["tokens"], tokens)
     assert engine.evaluate(None, probe_set, loader, device="cpu", cache=cache) == fresh
