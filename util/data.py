@@ -56,15 +56,20 @@ class OneDrawResizedCrop(transforms.RandomResizedCrop):
 
     @staticmethod
     def get_params(img, scale, ratio):
-        width, height = TF.get_image_size(img)
-        area = width * height * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        log_ratio = torch.log(torch.tensor(ratio))
-        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item()).item())
-        w = min(width, int(round(math.sqrt(area * aspect))))
-        h = min(height, int(round(math.sqrt(area / aspect))))
-        top = torch.randint(0, height - h + 1, size=(1,)).item()
-        left = torch.randint(0, width - w + 1, size=(1,)).item()
-        return top, left, h, w
+        return one_draw_box(*TF.get_image_size(img), scale, ratio)
+
+
+def one_draw_box(width, height, scale, ratio):
+    """(top, left, height, width) of OneDrawResizedCrop in an image of that size (util/decode.py draws it from
+    a JPEG's header, before decoding)."""
+    area = width * height * torch.empty(1).uniform_(scale[0], scale[1]).item()
+    log_ratio = torch.log(torch.tensor(ratio))
+    aspect = math.exp(torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item()).item())
+    w = min(width, int(round(math.sqrt(area * aspect))))
+    h = min(height, int(round(math.sqrt(area / aspect))))
+    top = torch.randint(0, height - h + 1, size=(1,)).item()
+    left = torch.randint(0, width - w + 1, size=(1,)).item()
+    return top, left, h, w
 
 
 def build_transform(split, input_size, decoder="pil"):
