@@ -91,7 +91,7 @@ class FastTransform:
             if scale > 1:
                 return self.finish(_drafted(data, plan, scale), plan, resized=True)
             return self.finish(decode_rgb(data), plan)
-        except (OSError, RuntimeError, ValueError, SyntaxError):  # libjpeg refused it: PIL reads it or names it
+        except (OSError, RuntimeError):  # libjpeg refused the data (PIL's OSError, torchvision's RuntimeError)
             return self.finish(pil_pixels(load_rgb(source)), plan)
 
     def _from_pil(self, path):
