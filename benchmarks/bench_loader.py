@@ -3,6 +3,7 @@
     make bench-loader                       # = python benchmarks/bench_loader.py
     python benchmarks/bench_loader.py --images 256 --rounds 5 [--device cuda]
 
+Times are this process's CPU seconds (one thread): on a shared machine its wall time is mostly waiting.
 (1) loader: images/s of one CPU core through ImageFiles + default_collate, the paper's pipeline (--decoder pil:
     PIL decode, PIL RandomResizedCrop/Resize+CenterCrop, ToTensor, Normalize) against --decoder fast (and fast
     without the reduced-size DCT decode, to show its share), train and val, on a generated set of ImageNet-like
@@ -204,9 +205,9 @@ def bench_cache(root, bench):
     seconds = {"uncached": [], "cached": []}
     for _ in range(bench.cache_rounds):
         for name, fn in (("uncached", uncached), ("cached", cached)):
-            start = time.perf_counter()
+            start = cpu_time()
             fn()
-            seconds[name].append(time.perf_counter() - start)
+            seconds[name].append(cpu_time() - start)
     ratio = statistics.median(c / u for c, u in zip(seconds["cached"], seconds["uncached"]))
     return {"seconds": seconds, "ratio": ratio, "train_images": len(train), "val_images": len(val)}
 
@@ -310,8 +311,8 @@ def print_report(bench, report):
     if "cache" in report:
         cache = report["cache"]
         print(f"  cache: {bench.epochs} cached epochs (fill included) "
-              f"{statistics.median(cache['seconds']['cached']):.1f} s, one uncached epoch "
-              f"{statistics.median(cache['seconds']['uncached']):.1f} s ({cache['train_images']} train + "
+              f"{statistics.median(cache['seconds']['cached']):.1f} CPU s, one uncached epoch "
+              f"{statistics.median(cache['seconds']['uncached']):.1f} CPU s ({cache['train_images']} train + "
               f"{cache['val_images']} val images, vit_tiny_patch16, cls,pos,abmilp)")
         print(f"cache: {cache['ratio']:.2f} x")
 

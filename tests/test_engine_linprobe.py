@@ -273,6 +273,35 @@ def test_cached_eval_tokens_equal_fresh_ones_and_skip_the_encoder(encoder, datas
     assert first == fresh and second == fresh
 
 
+@pytest.mark.parametrize("heads", ["cls,abmilp", "cls"])
+def test_train_cache_gives_the_heads_an_uncached_run_gives(encoder, heads):
+    # --no_augment: one encoder pass fills the cache, then every epoch reads its own shuffled batches from it.
+    # 45 images in batches of 16 with drop_last: each epoch leaves out other images, so the cache holds them all.
+    # "cls" alone keeps one token of the 5 (the rest zeros on reuse); abmilp reads every token.
+    g = torch.Generator().manual_seed(3)
+    data = TensorDataset(torch.randn(45, 3, 32, 32, generator=g), torch.randint(0, NUM_CLASSES, (45,), generator=g))
+    config = make_config("--cls_features", heads, "--blr", "1,3", "--batch_size", "16", "--epochs", "3",
+                         "--warmup_epochs", "1", "--no_augment", "--cache_train_features", "1")
+    uncached = train(config, encoder, data)
+    tokens_fn = CountingTokens(encoder)
+    probe_set, optimizer = build(config, encoder)
+    cache = engine.TokenCache(engine.cache_layout(probe_set, encoder), len(data))
+    cache.fill(tokens_fn, build_loader(data, 16, train=False))
+    assert tokens_fn.calls == 3 and cache.capacity == 45
+    loader = cache.loader(build_loader(data, 16, train=True, seed=config.seed))
+    assert len(loader) == 2
+    for epoch in range(config.epochs):
+        loader.set_epoch(epoch)
+        one_epoch(config, engine.cached_tokens, probe_set, loader, optimizer, epoch)
+    assert tokens_fn.calls == 3  # the epochs ran no encoder forward
+    for name in uncached.names:
+        expected, cached = probe_state(uncached, name), probe_state(probe_set, name)
+        assert all(torch.equal(cached[key], expected[key]) for key in expected), name
+    init, _ = build(config, encoder)
+    assert not torch.equal(probe_state(init, uncached.names[0])["classifier.weight"],
+                           probe_state(uncached, uncached.names[0])["classifier.weight"])
+
+
 def test_eval_cache_of_cls_heads_keeps_only_cls(encoder, dataset):
     # [cls]-only heads read one token of the 5: the cache holds 1/5 of the tokens and evaluates the same.
     probe_set, _ = build(make_config("--cls_features", "cls", "--blr", "1,3", "--batch_size", "16"), encoder)
