@@ -9,8 +9,8 @@ Times are this process's CPU seconds (one thread): on a shared machine its wall 
     without the reduced-size DCT decode, to show its share), train and val, on a generated set of ImageNet-like
     JPEGs (`imagenet_like`). The pipelines alternate within each round and start every round from the same torch
     seed, so they cut the same crops; each ratio is the median over rounds of that round's ratio. fast hands
-    uint8 to the device, which normalises; what that would cost on the CPU is shown beside it. With CUDA,
-    --decoder gpu too: the workers' share per core, and nvjpeg's batch decode + crops per GPU.
+    uint8 to the device, which normalises; what that would cost on the CPU is shown beside it. --decoder gpu:
+    the workers' share per core (read the file, draw the crop), and with CUDA nvjpeg's decode + crops per GPU.
 (2) cache: 10 epochs of `--no_augment --cache_train_features --cache_eval_features` (one encoder pass, then the
     heads only) over one uncached epoch, CPU ViT-Ti at 224 px, cls,pos,abmilp heads, on the same JPEGs.
 (3) fp16: what rounding cached tokens to float16 would do to MAE-scale tokens (a channel's mean 300x its spread).
@@ -121,9 +121,7 @@ def bench_loader(root, bench):
         no_draft = build_dataset(root, split, size, decoder="fast")
         no_draft.transform = FastTransform(split, size, draft=False)
         pipelines[f"{split} fast, no DCT scaling"] = (no_draft, None)
-        if bench.device.startswith("cuda"):
-            pipelines[f"{split} gpu: workers' share"] = (build_dataset(root, split, size, decoder="gpu"),
-                                                         collate_encoded)
+        pipelines[f"{split} gpu: workers' share"] = (build_dataset(root, split, size, decoder="gpu"), collate_encoded)
     seconds = {name: [0.0] * bench.rounds for name in pipelines}
     normalise, gpu_decode = [0.0] * bench.rounds, {}
     for round_ in range(bench.rounds):
@@ -142,7 +140,7 @@ def bench_loader(root, bench):
                     start = cpu_time()
                     device_images(images, "cpu")
                     normalise[round_] += cpu_time() - start
-                if collate is not None:  # the device's share of --decoder gpu
+                if collate is not None and bench.device.startswith("cuda"):  # the device's share of --decoder gpu
                     torch.cuda.synchronize()
                     start = time.perf_counter()
                     device_images(images, bench.device)
