@@ -259,9 +259,10 @@ def _run_locked(config, device):
     loader_val = build_loader(dataset_val, config.batch_size, train=False, distributed=distributed, **loader_args)
     train_tokens = tokens_fn
     if train_cache is not None:  # one encoder pass now; every epoch then reads the cache in its own order
+        train_size = len(next(iter(loader_train.batch_sampler)))  # what training encodes an image among
         with bad_images_reported(DATA_REMEDIES[BadImageError], rank_local=True):
-            train_cache.fill(tokens_fn, build_loader(dataset_train, config.batch_size, train=False,
-                                                     distributed=distributed, **loader_args))
+            train_cache.fill(tokens_fn, build_loader(dataset_train, train_size, train=False,
+                                                     distributed=distributed, **loader_args), train_size)
         loader_train, train_tokens = train_cache.loader(loader_train), engine.cached_tokens
     model = _wrap_for_ddp(probe_set, device) if distributed else probe_set
 

@@ -196,7 +196,7 @@ def bench_cache(root, bench):
         layout = engine.cache_layout(probes, encoder)
         train_cache = engine.TokenCache(layout, len(train), device=device)
         eval_cache = engine.TokenCache(layout, len(val), device=device)
-        train_cache.fill(tokens_fn, build_loader(train, batch, train=False))
+        train_cache.fill(tokens_fn, build_loader(train, batch, train=False), batch)
         for e in range(bench.epochs):
             epoch(probes, optimizer, e, train_cache.loader(loader_train), engine.cached_tokens, eval_cache)
 

@@ -27,6 +27,7 @@ from util.decode import (
     device_images,
     draft_scale,
     jpeg_size,
+    pad_batch,
     resized_size,
 )
 
@@ -289,3 +290,8 @@ def test_device_decode_gives_the_fast_paths_crops(jpegs, tmp_path):
         fast = torch.stack([FastTransform(split, S, draft=False)(path) for path in files])
         assert torch.equal(decoded, fast), split
         assert torch.equal(device_images(batch, "cpu"), device_images(fast, "cpu"))
+        # padded to a training batch's size (TokenCache.fill): copies of the last image after the batch's own
+        size = len(files) + 2
+        for padded in (device_images(pad_batch(batch, size), "cpu"), device_images(pad_batch(fast, size), "cpu")):
+            assert len(padded) == len(files) + 2 and torch.equal(padded[:len(files)], device_images(fast, "cpu"))
+            assert torch.equal(padded[-1], padded[len(files) - 1]) and torch.equal(padded[-2], padded[-1])

@@ -286,7 +286,7 @@ def test_train_cache_gives_the_heads_an_uncached_run_gives(encoder, heads):
     tokens_fn = CountingTokens(encoder)
     probe_set, optimizer = build(config, encoder)
     cache = engine.TokenCache(engine.cache_layout(probe_set, encoder), len(data))
-    cache.fill(tokens_fn, build_loader(data, 16, train=False))
+    cache.fill(tokens_fn, build_loader(data, 16, train=False), 16)
     assert tokens_fn.calls == 3 and cache.capacity == 45
     loader = cache.loader(build_loader(data, 16, train=True, seed=config.seed))
     assert len(loader) == 2

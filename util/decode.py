@@ -251,9 +251,20 @@ class EncodedBatch:
 def collate_encoded(samples):
     """DataLoader collate_fn of --decoder gpu: [(Encoded, label)] -> (EncodedBatch, labels)."""
     images, labels = zip(*samples)
-    first = next(e for e in images)
+    first = images[0]
     size = first.plan.crop if first.plan is not None else first.pixels.shape[0]
     return EncodedBatch(images, size), torch.as_tensor(labels)
+
+
+def pad_batch(images, size):
+    """A loader's batch of fewer than `size` images padded to `size` with copies of its last image (tensors of
+    either pipeline, or an EncodedBatch)."""
+    n = len(images.items) if isinstance(images, EncodedBatch) else len(images)
+    if n >= size:
+        return images
+    if isinstance(images, EncodedBatch):
+        return EncodedBatch(images.items + [images.items[-1]] * (size - n), images.input_size)
+    return torch.cat([images, images[-1:].expand(size - n, *images.shape[1:])])
 
 
 def decode_batch(batch, device):
