@@ -242,6 +242,11 @@ class CacheLayout:
     attn_rows: Tuple[int, ...] = ()  # query rows of the attention the heads read (the rest is zeros on reuse)
     oracle_patches: int = 0          # 0: no --oracle
 
+    @property
+    def every_token(self):
+        """Every token and nothing else is kept: what k-NN's [cls] and mean-pooled features need."""
+        return self.tokens == self.keys and not self.attn_heads and not self.oracle_patches
+
     def bytes_per_image(self, element_size=4):
         return element_size * (self.tokens * self.width + self.attn_heads * len(self.attn_rows) * self.keys
                                + self.oracle_patches)
@@ -393,6 +398,13 @@ class TokenCache:
         if dist.world_size() > 1:
             self._page_lock()
 
+    def shard_batches(self, batch_size):
+        """(TokenBatch, targets) of this process's ShardSampler shard of a filled cache, in order: what a train=False
+        loader over the set gives k-NN, without reading an image."""
+        rows = list(range(dist.rank(), self.capacity, dist.world_size()))
+        for start in range(0, len(rows), batch_size):
+            yield self._cached(torch.tensor(rows[start:start + batch_size]))
+
     def loader(self, train_loader):
         """`train_loader`'s batches, read from the filled cache (see CachedLoader)."""
         if not self.complete:
@@ -427,6 +439,11 @@ def _first(tensor, n):
 def cached_tokens(batch):
     """The tokens_fn of a CachedLoader's batches: they are TokenBatches already."""
     return batch
+
+
+def tokens_or_cached(tokens_fn):
+    """A tokens_fn for batches that are images (encoded by `tokens_fn`) or cached TokenBatches (passed on)."""
+    return lambda images: images if isinstance(images, TokenBatch) else tokens_fn(images)
 
 
 def _page_lock(tensor):

@@ -266,7 +266,8 @@ def _run_locked(config, device):
         loader_train, train_tokens = train_cache.loader(loader_train), engine.cached_tokens
     model = _wrap_for_ddp(probe_set, device) if distributed else probe_set
 
-    knn = _knn(config, encoder, nb_classes, device, dataset_train, dataset_val) if config.knn is not None else []
+    knn = (_knn(config, encoder, nb_classes, device, dataset_train, dataset_val, caches=(train_cache, cache))
+           if config.knn is not None else [])
     log = RunLog(config.output_dir, settings=config.to_dict(), wandb=config.wandb, run_name=config.run_name,
                  enabled=dist.is_main())
     if dist.is_main():
@@ -444,18 +445,26 @@ def _wrap_for_ddp(probe_set, device):
                                                      device_ids=[device] if device.startswith("cuda") else None)
 
 
-def _knn(config, encoder, nb_classes, device, dataset_train, dataset_val):
+def _knn(config, encoder, nb_classes, device, dataset_train, dataset_val, caches=(None, None)):
     """Weighted k-NN (DINO's protocol) on [cls] and mean-pooled tokens of the deterministic val transform (the
     training images are read again without augmentation when training augments them). Each process encodes its
-    own shard of both sets (util.knn.knn_rows gathers the training features)."""
+    own shard of both sets (util.knn.knn_rows gathers the training features). A token cache that keeps every
+    token (the --no_augment training cache, filled by now; the eval cache, which this pass then fills) gives
+    its tokens instead of a second encoder pass."""
     tokens_fn = engine.FrozenTokens(encoder, block=config.encoder.return_block, device=device, amp=config.amp)
     if config.augment:
         dataset_train = _build_data(config, "train", augment=False)
     loaders = [build_loader(dataset, config.batch_size, train=False, num_workers=config.num_workers,
                             distributed=dist.world_size() > 1, collate_fn=collate_fn(config.decoder))
                for dataset in (dataset_train, dataset_val)]
+    train_cache, eval_cache = (c if c is not None and c.layout.every_token else None for c in caches)
+    if train_cache is not None:
+        loaders[0] = train_cache.shard_batches(config.batch_size)
+    if eval_cache is not None:
+        loaders[1] = eval_cache.batches(tokens_fn, loaders[1])
     with bad_images_reported(DATA_REMEDIES[BadImageError], rank_local=True):
-        rows = knn_rows(tokens_fn, *loaders, nb_classes, config.knn.ks, config.knn.temperatures, device)
+        rows = knn_rows(engine.tokens_or_cached(tokens_fn), *loaders, nb_classes, config.knn.ks,
+                        config.knn.temperatures, device)
     if dist.is_main():
         best = max(rows, key=lambda r: r["best_acc1"])
         print(f"k-NN: best acc1 {best['best_acc1']:.2f} ({best['probe']})", flush=True)

@@ -294,6 +294,13 @@ def test_train_cache_gives_the_heads_an_uncached_run_gives(encoder, heads):
         loader.set_epoch(epoch)
         one_epoch(config, engine.cached_tokens, probe_set, loader, optimizer, epoch)
     assert tokens_fn.calls == 3  # the epochs ran no encoder forward
+    if cache.layout.every_token:  # k-NN's features from the cache, without an encoder pass
+        from util.knn import extract_features
+        fresh = extract_features(engine.FrozenTokens(encoder, device="cpu"), build_loader(data, 16, train=False))
+        cached_features = extract_features(engine.tokens_or_cached(tokens_fn), cache.shard_batches(16))
+        assert tokens_fn.calls == 3
+        assert all(torch.equal(fresh[0][k], cached_features[0][k]) for k in fresh[0])
+        assert torch.equal(fresh[1], cached_features[1])
     for name in uncached.names:
         expected, cached = probe_state(uncached, name), probe_state(probe_set, name)
         assert all(torch.equal(cached[key], expected[key]) for key in expected), name

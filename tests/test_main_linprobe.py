@@ -394,13 +394,17 @@ def test_cached_no_augment_run_trains_the_heads_of_an_uncached_one(tmp_path):
                     tmp_path / "data" / split / f"c{c}" / f"{j}.jpg", quality=90)
     common = ["--data_path", tmp_path / "data", "--model", "vit_tiny_patch16", "--input_size", "32", "--device", "cpu",
               "--num_workers", "2", "--cls_features", "cls,pos", "--blr", "1", "--batch_size", "8", "--epochs", "3",
-              "--warmup_epochs", "1", "--decoder", "fast", "--no_augment"]
+              "--warmup_epochs", "1", "--decoder", "fast", "--no_augment", "--knn", "--knn_k", "3"]
     run(*common, "--output_dir", tmp_path / "plain")
     done = run(*common, "--output_dir", tmp_path / "cached", "--cache_train_features", "1",
                "--cache_eval_features", "1")
     assert "train cache: 20 training images per process x (5 token(s) x 192 channels)" in done.stdout
     plain, cached = last_probes(tmp_path / "plain"), last_probes(tmp_path / "cached")
     assert plain.keys() == cached.keys() and all(torch.equal(plain[k], cached[k]) for k in plain)
+    # k-NN read its features from the caches there: the same rows
+    knn = lambda folder: [r for r in json.loads((folder / "results.json").read_text())  # noqa: E731
+                          if r["head"].startswith("knn")]
+    assert knn(tmp_path / "plain") == knn(tmp_path / "cached") and knn(tmp_path / "plain")
     drop_speed = lambda line: {k: v for k, v in line.items() if k != "img/s"}  # noqa: E731
     assert ([drop_speed(line) for line in log_lines(tmp_path / "plain")]
             == [drop_speed(line) for line in log_lines(tmp_path / "cached")])
