@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export MPLBACKEND := Agg
 
-.PHONY: venv lint test demo bench pretrain pretrain-mae pretrain-mocov3 claims clean
+.PHONY: venv lint test demo bench bench-loader pretrain pretrain-mae pretrain-mocov3 claims clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ claims: venv
 
 bench: venv
 	$(PY) benchmarks/bench_linprobe.py
+
+# The input pipeline per CPU core (--decoder fast vs the paper's PIL pipeline) and 10 epochs of the --no_augment
+# token cache over one uncached epoch (CPU ViT-Ti); a few minutes on one core (BENCHMARKS.md, Input pipeline).
+bench-loader: venv
+	$(PY) benchmarks/bench_loader.py
 
 clean:
 	rm -rf output_dir .pytest_cache

@@ -7,7 +7,7 @@ no parameters, so the gradient of the summed loss w.r.t. one probe is exactly th
 import time
 import weakref
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Tuple
 
 import torch
@@ -31,6 +31,7 @@ from models_vit import capture_attention
 from util import dist
 from util.amp import autocast
 from util.data import HEAD_INIT, derive_seed
+from util.decode import device_images, pad_batch
 from util.lars import LARS
 
 
@@ -104,7 +105,7 @@ class FrozenTokens:
         return block_cls.float(), patch_mean
 
     def __call__(self, images) -> TokenBatch:
-        tokens, attn, oracle_attn, summary = self._forward(images.to(self.device, non_blocking=True))
+        tokens, attn, oracle_attn, summary = self._forward(device_images(images, self.device))
         # Inference-mode tensors cannot enter autograd; one copy per batch lets the heads train on them.
         clone = lambda t: None if t is None else t.clone()
         block_cls, patch_mean = summary or (None, None)
@@ -260,7 +261,7 @@ def train_one_epoch(tokens_fn, probes, loader, optimizer, scaler, epoch, *, sche
             optimizer.zero_grad(set_to_none=True)
         meters.update(logits, targets, losses)
         previous = (it, torch.stack([loss.detach() for loss in losses.values()]))
-        seen += images.shape[0]
+        seen += len(targets)
     if previous is not None:
         _check_finite(*previous, inner.names, epoch)
     optimizer.zero_grad(set_to_none=True)  # a partial accumulation group is dropped, not carried over
@@ -284,6 +285,11 @@ class CacheLayout:
     attn_rows: Tuple[int, ...] = ()  # query rows of the attention the heads read (the rest is zeros on reuse)
     oracle_patches: int = 0          # 0: no --oracle
     blocks: int = 0                  # DINOv2's heads: [cls] of the last `blocks` blocks and a normed patch mean
+
+    @property
+    def every_token(self):
+        """Every token and nothing else is kept: what k-NN's [cls] and mean-pooled features need."""
+        return self.tokens == self.keys and not self.attn_heads and not self.oracle_patches
 
     def bytes_per_image(self, element_size=4):
         return element_size * (self.tokens * self.width + self.attn_heads * len(self.attn_rows) * self.keys
@@ -325,16 +331,23 @@ def cache_layout(probe_set, encoder, *, block=None, oracle=None) -> CacheLayout:
                        blocks=max(HEADS[p.head_name].needs_blocks for p in probes))
 
 
-class EvalTokenCache:
-    """Validation tokens are deterministic: the first evaluation keeps what the heads read of them (CacheLayout),
-    later ones reuse it instead of running the encoder. Under DDP each process keeps its own shard.
+class TokenCache:
+    """Frozen tokens of images that are the same every epoch (the val transform): one encoder pass keeps what the
+    heads read of them (CacheLayout), later passes read that instead of running the encoder.
+
+    The validation set (--cache_eval_features): the first evaluation fills it, in loader order; under DDP each
+    process keeps its own shard. The training set under --no_augment (--cache_train_features): `fill` runs one
+    pass over it before the first epoch, every process then holds the whole set (each epoch shards it anew), and
+    `loader` gives each epoch's batches in the train loader's own shuffled order: the heads see exactly the
+    batches, and the tokens, an uncached run gives them.
 
     Kept in host memory, not on the GPU, which the batch's activations need, and in the dtype the encoder gave
     (float32): stored in bf16, a channel whose mean is 300x its spread (MAE's pre-norm tokens) gives pooled
     features correlated only 0.86 with their float32 values across images (measured on synthetic tokens), and
-    BatchNorm then normalises that rounding. One buffer per field for the whole shard; on CUDA it is page-locked
-    in place (torch's pinned allocator would round each allocation up to a power of two) so copies to the GPU run
-    asynchronously (gpu_check.sh times the evaluation from the cache).
+    BatchNorm then normalises that rounding; float16 keeps 0.996 there (benchmarks/bench_loader.py), but cached and
+    uncached runs would then train other heads. One buffer per field; on CUDA it is page-locked in place (torch's
+    pinned allocator would round each allocation up to a power of two) so copies to the GPU run asynchronously
+    (gpu_check.sh times the evaluation from the cache).
     """
 
     def __init__(self, layout: CacheLayout, images, *, device="cpu"):
@@ -353,6 +366,8 @@ class EvalTokenCache:
         if layout.blocks:
             self.buffers["block_cls"] = torch.empty((n, layout.blocks, layout.width), dtype=batch.block_cls.dtype)
             self.buffers["patch_mean"] = torch.empty((n, layout.width), dtype=batch.normed_patch_mean.dtype)
+
+    def _page_lock(self):
         if self.device.type == "cuda":
             for name, buffer in self.buffers.items():
                 if name != "targets":  # the loader's labels: small, and copied by evaluate() as fresh ones are
@@ -361,10 +376,11 @@ class EvalTokenCache:
     def _keep(self, batch, targets):
         if self.buffers is None:
             self._allocate(batch, targets)
+            self._page_lock()
         start = self.batch_ends[-1] if self.batch_ends else 0
         end = start + len(targets)
         if end > self.capacity:
-            raise RuntimeError(f"the eval cache holds {self.capacity} images but the loader gave more")
+            raise RuntimeError(f"the token cache holds {self.capacity} images but the loader gave more")
         b = self.buffers
         b["tokens"][start:end].copy_(batch.tokens[:, :self.layout.tokens])
         b["targets"][start:end].copy_(torch.as_tensor(targets))
@@ -378,31 +394,33 @@ class EvalTokenCache:
             b["patch_mean"][start:end].copy_(batch.normed_patch_mean)
         self.batch_ends.append(end)
 
-    def _cached(self, start, end):
+    def _cached(self, rows):
+        """(TokenBatch, targets) of the cached images `rows` (a slice, or dataset indices)."""
         b, layout, device = self.buffers, self.layout, self.device
         move = lambda t: t.to(device, non_blocking=True)
         # Shaped as the encoder's output, zeros where the heads read nothing: a head then sees the same values
         # with the same strides as from the encoder, which keeps its kernels', and so its results', last bits.
-        tokens = move(b["tokens"][start:end])
+        tokens = move(b["tokens"][rows])
+        n = len(tokens)
         if layout.tokens < layout.keys:
-            kept, tokens = tokens, tokens.new_zeros((end - start, layout.keys, layout.width))
+            kept, tokens = tokens, tokens.new_zeros((n, layout.keys, layout.width))
             tokens[:, :layout.tokens] = kept
         attn = None
         if "attn" in b:
-            kept = move(b["attn"][start:end])
-            attn = kept.new_zeros((end - start, layout.attn_heads, layout.keys, layout.keys))
+            kept = move(b["attn"][rows])
+            attn = kept.new_zeros((n, layout.attn_heads, layout.keys, layout.keys))
             attn[:, :, list(layout.attn_rows)] = kept
-        cached = lambda name: move(b[name][start:end]) if name in b else None
+        cached = lambda name: move(b[name][rows]) if name in b else None
         return TokenBatch(tokens=tokens, num_prefix=layout.num_prefix, grid=layout.grid, attn=attn,
                           oracle_attn=cached("oracle"), has_cls=layout.has_cls, block_cls=cached("block_cls"),
-                          normed_patch_mean=cached("patch_mean")), b["targets"][start:end]
+                          normed_patch_mean=cached("patch_mean")), b["targets"][rows]
 
     def batches(self, tokens_fn, loader):
         """(TokenBatch, targets) pairs: from the cache when complete, else from the encoder (filling the cache)."""
         if self.complete:
             starts = [0] + self.batch_ends[:-1]
             for start, end in zip(starts, self.batch_ends):
-                yield self._cached(start, end)
+                yield self._cached(slice(start, end))
             return
         self.batch_ends = []  # an evaluation cut short starts over
         for images, targets in loader:
@@ -410,6 +428,77 @@ class EvalTokenCache:
             self._keep(batch, targets)
             yield batch, targets
         self.complete = True
+
+    def fill(self, tokens_fn, loader, batch_size):
+        """One encoder pass over `loader`: this process's ShardSampler shard of the training set, in order (its
+        whole set without DDP); then every process holds every image's rows, in dataset order.
+
+        Every image is encoded in a batch of `batch_size`, the size training encodes it in: a shorter last batch
+        is padded with copies of its last image, whose tokens are dropped. A matrix product can round a row in
+        another way at another batch size (measured on the CPU: 7e-7 on ViT-Ti tokens, batch 3 vs 4), while at
+        one size a row does not depend on the others; so the cached tokens are the uncached ones bit for bit."""
+        self.capacity, self.batch_ends = len(loader.sampler), []
+        for images, targets in loader:
+            n = len(targets)
+            batch = tokens_fn(pad_batch(images, batch_size))
+            self._keep(replace(batch, tokens=batch.tokens[:n], attn=_first(batch.attn, n),
+                               oracle_attn=_first(batch.oracle_attn, n), block_cls=_first(batch.block_cls, n),
+                               normed_patch_mean=_first(batch.normed_patch_mean, n)), targets)
+        self.complete = True
+        if self.batch_ends[-1] != self.capacity:
+            raise RuntimeError(f"the token cache expected {self.capacity} images but the loader gave "
+                               f"{self.batch_ends[-1]}")
+        self.buffers = {name: dist.gather_shards(buffer) for name, buffer in self.buffers.items()}
+        self.capacity = len(self.buffers["targets"])
+        if dist.world_size() > 1:
+            self._page_lock()
+
+    def shard_batches(self, batch_size):
+        """(TokenBatch, targets) of this process's ShardSampler shard of a filled cache, in order: what a train=False
+        loader over the set gives k-NN, without reading an image."""
+        rows = list(range(dist.rank(), self.capacity, dist.world_size()))
+        for start in range(0, len(rows), batch_size):
+            yield self._cached(torch.tensor(rows[start:start + batch_size]))
+
+    def loader(self, train_loader):
+        """`train_loader`'s batches, read from the filled cache (see CachedLoader)."""
+        if not self.complete:
+            raise RuntimeError("fill the token cache before reading batches from it")
+        return CachedLoader(self, train_loader)
+
+
+class CachedLoader:
+    """A train loader's epochs from a TokenCache: its sampler's order (set_epoch reshuffles it as for the loader),
+    its batch size and drop_last, without reading an image. Yields (TokenBatch, targets): train with a tokens_fn
+    that passes the TokenBatch on (`cached_tokens`)."""
+
+    def __init__(self, cache, loader):
+        self.cache, self.loader = cache, loader
+
+    def set_epoch(self, epoch):
+        self.loader.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        order, size = list(self.loader.sampler), self.loader.batch_size
+        for i in range(len(self)):
+            yield self.cache._cached(torch.tensor(order[i * size:(i + 1) * size]))
+
+
+def _first(tensor, n):
+    return None if tensor is None else tensor[:n]
+
+
+def cached_tokens(batch):
+    """The tokens_fn of a CachedLoader's batches: they are TokenBatches already."""
+    return batch
+
+
+def tokens_or_cached(tokens_fn):
+    """A tokens_fn for batches that are images (encoded by `tokens_fn`) or cached TokenBatches (passed on)."""
+    return lambda images: images if isinstance(images, TokenBatch) else tokens_fn(images)
 
 
 def _page_lock(tensor):

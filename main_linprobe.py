@@ -42,6 +42,7 @@ from util.data import (
     build_loader,
     data_source,
 )
+from util.decode import DECODERS, collate_fn
 from util.errors import UserError, user_errors
 from util.knn import knn_rows
 from util.run_log import RunLog
@@ -81,6 +82,9 @@ def get_args_parser():
     g.add_argument("--cache_eval_features", type=float, default=0, metavar="GIB",
                    help="keep what the heads read of the validation tokens in host memory (refused if it needs more "
                         "than GIB GiB per process) and reuse it every epoch (0: off)")
+    g.add_argument("--cache_train_features", type=float, default=0, metavar="GIB",
+                   help="with --no_augment: one encoder pass keeps what the heads read of the training tokens in host "
+                        "memory (refused above GIB GiB per process), every epoch then costs only the heads (0: off)")
     g.add_argument("--compile", action="store_true", help="torch.compile the frozen encoder's forward")
     g.add_argument("--knn", action="store_true", help="also run weighted k-NN on [cls] and mean features")
     g.add_argument("--knn_k", default="10,20,100,200", help="k values of the k-NN sweep")
@@ -118,6 +122,10 @@ def get_args_parser():
     d.add_argument("--no_augment", action="store_true",
                    help="train on the deterministic val transform (no random crop/flip)")
     d.add_argument("--skip_bad_images", action="store_true", help="skip unreadable images with a warning")
+    d.add_argument("--decoder", choices=DECODERS, default="pil",
+                   help="pil: the paper's PIL pipeline, bit for bit; fast: the same crops decoded by libjpeg-turbo "
+                        "(at reduced size when the crop allows), resized as uint8, normalised on the device; gpu: "
+                        "JPEGs decoded on the GPU (nvjpeg), the same crops (README, Input pipeline)")
     d.add_argument("--pin_mem", action="store_true", default=True)
     d.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     d.add_argument("--dataloader_affinity_hack", action="store_true",
@@ -175,7 +183,7 @@ def _build_data(config, split, augment=True):
     with user_errors(DATA_REMEDIES):
         return build_dataset(config.data_path, split, config.encoder.input_size, download=config.download,
                              skip_bad_images=config.skip_bad_images, augment=augment,
-                             subset=config.train_subset if split == "train" else None)
+                             subset=config.train_subset if split == "train" else None, decoder=config.decoder)
 
 
 def _run(config, device):
@@ -241,11 +249,14 @@ def _run_locked(config, device):
         return _evaluate_saved_heads(config, state, tokens_fn, probe_set, dataset_val, device, distributed)
     _resume(config, state, probe_set, optimizer, scaler)
     cache = _eval_cache(config, probe_set, encoder, oracle, dataset_val, device) if config.cache_eval_gib > 0 else None
+    train_cache = (_train_cache(config, probe_set, encoder, oracle, dataset_train, device)
+                   if config.cache_train_gib > 0 else None)
 
     if config.affinity_hack and hasattr(os, "sched_setaffinity"):
         # Launchers may pin each rank to one core; forked data workers inherit this wider mask instead.
         os.sched_setaffinity(0, range(os.cpu_count()))
-    loader_args = dict(num_workers=config.num_workers, pin_mem=config.pin_mem, seed=config.seed)
+    loader_args = dict(num_workers=config.num_workers, pin_mem=config.pin_mem, seed=config.seed,
+                       collate_fn=collate_fn(config.decoder))
     loader_train = build_loader(dataset_train, config.batch_size, train=True, distributed=distributed, **loader_args)
     loader_val = build_loader(dataset_val, config.batch_size, train=False, distributed=distributed, **loader_args)
     if state.start_epoch < config.epochs and len(loader_train) < config.accum_iter:
@@ -255,9 +266,17 @@ def _run_locked(config, device):
                         f"{max(len(loader_train), 1)} or less, or a smaller --batch_size)")
     # only now: a refused resume, cache or schedule leaves the folder as it was
     dist.on_main(_write_run_info, config, identity, classes, selection, state.resumed_from is None)
+    train_tokens = tokens_fn
+    if train_cache is not None:  # one encoder pass now; every epoch then reads the cache in its own order
+        train_size = len(next(iter(loader_train.batch_sampler)))  # what training encodes an image among
+        with bad_images_reported(DATA_REMEDIES[BadImageError], rank_local=True):
+            train_cache.fill(tokens_fn, build_loader(dataset_train, train_size, train=False,
+                                                     distributed=distributed, **loader_args), train_size)
+        loader_train, train_tokens = train_cache.loader(loader_train), engine.cached_tokens
     model = _wrap_for_ddp(probe_set, device) if distributed else probe_set
 
-    knn = _knn(config, encoder, nb_classes, device, dataset_train, dataset_val) if config.knn is not None else []
+    knn = (_knn(config, encoder, nb_classes, device, dataset_train, dataset_val, caches=(train_cache, cache))
+           if config.knn is not None else [])
     log = RunLog(config.output_dir, settings=config.to_dict(), wandb=config.wandb, run_name=config.run_name,
                  enabled=dist.is_main())
     if dist.is_main():
@@ -272,7 +291,7 @@ def _run_locked(config, device):
             loader_train.set_epoch(epoch)
             t0 = time.time()
             with bad_images_reported(DATA_REMEDIES[BadImageError], rank_local=True):
-                train_stats, imgs_per_s = _train_epoch(config, tokens_fn, model, loader_train, optimizer, scaler,
+                train_stats, imgs_per_s = _train_epoch(config, train_tokens, model, loader_train, optimizer, scaler,
                                                        epoch, device)
                 test_stats = engine.evaluate(tokens_fn, model, loader_val, device=device, amp=config.amp,
                                              cache=cache)
@@ -330,22 +349,32 @@ def _eval_cache(config, probe_set, encoder, oracle, dataset_val, device):
     """The eval cache, sized before anything fills it: one line stating its size per process, or a UserError."""
     layout = engine.cache_layout(probe_set, encoder, block=config.encoder.return_block, oracle=oracle)
     images = -(-len(dataset_val) // dist.world_size())  # the largest shard: every process decides alike
+    _check_cache_size("eval", "validation", images, layout, config.cache_eval_gib, "--cache_eval_features")
+    shard = len(range(dist.rank(), len(dataset_val), dist.world_size()))  # build_loader's ShardSampler
+    return engine.TokenCache(layout, shard, device=device)
+
+
+def _train_cache(config, probe_set, encoder, oracle, dataset_train, device):
+    """The --no_augment training set's cache: every process holds every image (each epoch shards it anew)."""
+    layout = engine.cache_layout(probe_set, encoder, block=config.encoder.return_block, oracle=oracle)
+    _check_cache_size("train", "training", len(dataset_train), layout, config.cache_train_gib, "--cache_train_features")
+    return engine.TokenCache(layout, len(dataset_train), device=device)
+
+
+def _check_cache_size(name, split, images, layout, budget, flag):
     need = images * layout.bytes_per_image() / 2 ** 30
-    what = f"{images} validation images per process x ({layout.describe()}), float32 in host memory"
-    if need > config.cache_eval_gib:
-        raise UserError(f"the eval cache needs {need:.3g} GiB per process ({what}), more than --cache_eval_features "
-                        f"{config.cache_eval_gib:g} (pass --cache_eval_features {_round_up(need):g} or more, or "
-                        "leave the flag out)")
+    what = f"{images} {split} images per process x ({layout.describe()}), float32 in host memory"
+    if need > budget:
+        raise UserError(f"the {name} cache needs {need:.3g} GiB per process ({what}), more than {flag} "
+                        f"{budget:g} (pass {flag} {_round_up(need):g} or more, or leave the flag out)")
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if dist.world_size() > 1 else 1
     free = dist.on_main(_available_gib)
     if free is not None and need * local > free:
-        raise UserError(f"the eval cache needs {need:.3g} GiB per process x {local} process(es) on this machine, but "
-                        f"{free:.3g} GiB of memory is available ({what}) (leave --cache_eval_features out, or run on "
-                        "more machines)")
+        raise UserError(f"the {name} cache needs {need:.3g} GiB per process x {local} process(es) on this machine, "
+                        f"but {free:.3g} GiB of memory is available ({what}) (leave {flag} out, or run on more "
+                        "machines)")
     if dist.is_main():
-        print(f"eval cache: {what} = {need:.3g} GiB per process", flush=True)
-    shard = len(range(dist.rank(), len(dataset_val), dist.world_size()))  # build_loader's ShardSampler
-    return engine.EvalTokenCache(layout, shard, device=device)
+        print(f"{name} cache: {what} = {need:.3g} GiB per process", flush=True)
 
 
 def _round_up(gib):
@@ -436,7 +465,7 @@ def _evaluate_saved_heads(config, state, tokens_fn, probe_set, dataset_val, devi
                             "trained on this one)") from None
         probe_set.load_state_dict(heads["probes"])
     loader = build_loader(dataset_val, config.batch_size, train=False, num_workers=config.num_workers,
-                          pin_mem=config.pin_mem, distributed=distributed)
+                          pin_mem=config.pin_mem, distributed=distributed, collate_fn=collate_fn(config.decoder))
     with bad_images_reported(DATA_REMEDIES[BadImageError], rank_local=True):
         stats = engine.evaluate(tokens_fn, probe_set, loader, device=device, amp=config.amp)
     if dist.is_main():
@@ -459,17 +488,26 @@ def _wrap_for_ddp(probe_set, device):
                                                      device_ids=[device] if device.startswith("cuda") else None)
 
 
-def _knn(config, encoder, nb_classes, device, dataset_train, dataset_val):
+def _knn(config, encoder, nb_classes, device, dataset_train, dataset_val, caches=(None, None)):
     """Weighted k-NN (DINO's protocol) on [cls] and mean-pooled tokens of the deterministic val transform (the
     training images are read again without augmentation when training augments them). Each process encodes its
-    own shard of both sets (util.knn.knn_rows gathers the training features)."""
+    own shard of both sets (util.knn.knn_rows gathers the training features). A token cache that keeps every
+    token (the --no_augment training cache, filled by now; the eval cache, which this pass then fills) gives
+    its tokens instead of a second encoder pass."""
     tokens_fn = engine.FrozenTokens(encoder, block=config.encoder.return_block, device=device, amp=config.amp)
     if config.augment:
         dataset_train = _build_data(config, "train", augment=False)
     loaders = [build_loader(dataset, config.batch_size, train=False, num_workers=config.num_workers,
-                            distributed=dist.world_size() > 1) for dataset in (dataset_train, dataset_val)]
+                            distributed=dist.world_size() > 1, collate_fn=collate_fn(config.decoder))
+               for dataset in (dataset_train, dataset_val)]
+    train_cache, eval_cache = (c if c is not None and c.layout.every_token else None for c in caches)
+    if train_cache is not None:
+        loaders[0] = train_cache.shard_batches(config.batch_size)
+    if eval_cache is not None:
+        loaders[1] = eval_cache.batches(tokens_fn, loaders[1])
     with bad_images_reported(DATA_REMEDIES[BadImageError], rank_local=True):
-        rows = knn_rows(tokens_fn, *loaders, nb_classes, config.knn.ks, config.knn.temperatures, device)
+        rows = knn_rows(engine.tokens_or_cached(tokens_fn), *loaders, nb_classes, config.knn.ks,
+                        config.knn.temperatures, device)
     if dist.is_main():
         best = max(rows, key=lambda r: r["best_acc1"])
         print(f"k-NN: best acc1 {best['best_acc1']:.2f} ({best['probe']})", flush=True)

@@ -311,8 +311,8 @@ def _rss_mib():
 
 
 def eval_cache(report):
-    """engine.EvalTokenCache: host memory per process as CacheLayout predicts, nothing left on the GPU."""
-    report("### eval cache memory per process (engine_linprobe.EvalTokenCache)", "")
+    """engine.TokenCache: host memory per process as CacheLayout predicts, nothing left on the GPU."""
+    report("### eval cache memory per process (engine_linprobe.TokenCache)", "")
     model, n, batch = ("vit_base_patch16", 2048, 256) if CUDA else ("vit_tiny_patch16", 32, 16)
     torch.manual_seed(0)
     encoder = build_encoder(model, verbose=False).eval().to(DEVICE)
@@ -326,7 +326,7 @@ def eval_cache(report):
         layout = engine.cache_layout(probes, encoder)
         tokens_fn = engine.FrozenTokens(encoder, device=DEVICE, amp="bfloat16" if CUDA else "none",
                                         need_attention="ca4" in heads)
-        cache = engine.EvalTokenCache(layout, n, device=DEVICE)
+        cache = engine.TokenCache(layout, n, device=DEVICE)
         predicted = n * layout.bytes_per_image() / 2 ** 20
         gpu_before = torch.cuda.memory_allocated() if CUDA else 0
         rss_before = _rss_mib()
@@ -354,6 +354,53 @@ def eval_cache(report):
         del cache
     report("")
     return report.verdict(ok, "the cache lives in host memory at the size it states")
+
+
+PIPELINE_MEAN_LEVELS = 1.0   # nvjpeg's crops vs libjpeg's (the CPU path's): mean |difference| in 8-bit levels
+
+
+def input_pipeline(report):
+    """--decoder fast per CPU core against the paper's PIL pipeline, --decoder gpu (nvjpeg) per GPU, and nvjpeg's
+    crops against the CPU path's from the same draws."""
+    report("### input pipeline: CPU and GPU JPEG decoding (benchmarks/bench_loader.py)", "")
+    if CUDA:
+        args = ["--images", "256", "--rounds", "3", "--skip_cache", "--device", "cuda"]
+    else:
+        args = ["--images", "16", "--rounds", "1", "--skip_cache"]
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([python(), "benchmarks/bench_loader.py", *args, "--output", f"{tmp}/loader.json"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=400)
+    table = [line for line in done.stdout.splitlines() if not line.startswith("written ")]
+    report("    bench_loader.py " + " ".join(args), "", "```", *table, "```", "")
+    ok = done.returncode == 0
+    if not ok:
+        report(f"exit {done.returncode}: {done.stderr[-500:]}", "")
+    if not CUDA:
+        report("(CPU: 16 images, one round; --decoder gpu skipped, no CUDA device)", "")
+        return report.verdict(ok, "the loader benchmark ran")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_loader import imagenet_like
+
+    from util.data import IMAGENET_STD, build_dataset
+    from util.decode import FastTransform, collate_encoded, device_images
+    std = torch.tensor(IMAGENET_STD, device=DEVICE)[:, None, None] * 255
+    with tempfile.TemporaryDirectory() as tmp:
+        imagenet_like(Path(tmp), 64)
+        for split in ("train", "val"):
+            dataset = build_dataset(tmp, split, 224, decoder="gpu")
+            torch.manual_seed(0)
+            gpu = device_images(collate_encoded([dataset[i] for i in range(len(dataset))])[0], DEVICE)
+            torch.manual_seed(0)
+            cpu_transform = FastTransform(split, 224, draft=False)
+            cpu = device_images(torch.stack([cpu_transform(path) for path, _ in dataset.samples]), DEVICE)
+            levels = ((gpu - cpu).abs() * std)
+            passed = levels.mean().item() < PIPELINE_MEAN_LEVELS
+            ok &= passed
+            report(f"- {split}: nvjpeg crops vs the CPU path's, {len(dataset)} images: mean |difference| "
+                   f"{levels.mean().item():.3f} levels, max {levels.max().item():.0f} "
+                   f"(tolerance: mean < {PIPELINE_MEAN_LEVELS}) ({'ok' if passed else 'OUT'})")
+    report("")
+    return report.verdict(ok, "GPU decoding runs, and its crops are the CPU path's within tolerance")
 
 
 def device_index(report):
@@ -419,7 +466,7 @@ def _tensors(obj):
 
 
 SECTIONS = {f.__name__: f for f in (header, bf16_tokens, attention_capture, syncbn, bench, eval_cache,
-                                    device_index, cpu_checkpoints)}
+                                    device_index, cpu_checkpoints, input_pipeline)}
 
 
 def main():

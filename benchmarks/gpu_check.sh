@@ -30,7 +30,7 @@ check bench 420              # ViT-B/16 probe step vs the bare bf16 forward, wit
 check eval_cache             # the eval cache's memory per process
 check device_index           # --device cuda:N under torchrun
 check cpu_checkpoints        # checkpoints saved from CUDA hold CPU tensors
-# input pipeline (issue 23): its checks go here
+check input_pipeline 420     # --decoder fast per core vs the paper's PIL pipeline; --decoder gpu (nvjpeg) per GPU
 
 echo "results: $OUT ($failed failed)" >&2
 exit "$failed"

@@ -292,12 +292,48 @@ def test_cached_eval_tokens_equal_fresh_ones_and_skip_the_encoder(encoder, datas
     loader = build_loader(dataset, 16, train=False)
     fresh = engine.evaluate(engine.FrozenTokens(encoder, device="cpu"), probe_set, loader, device="cpu")
     layout = engine.cache_layout(probe_set, encoder)
-    tokens_fn, cache = CountingTokens(encoder), engine.EvalTokenCache(layout, len(dataset))
+    tokens_fn, cache = CountingTokens(encoder), engine.TokenCache(layout, len(dataset))
     first = engine.evaluate(tokens_fn, probe_set, loader, device="cpu", cache=cache)
     assert tokens_fn.calls == len(loader)
     second = engine.evaluate(tokens_fn, probe_set, loader, device="cpu", cache=cache)
     assert tokens_fn.calls == len(loader)  # the second evaluation ran no encoder forward
     assert first == fresh and second == fresh
+
+
+@pytest.mark.parametrize("heads", ["cls,abmilp", "cls"])
+def test_train_cache_gives_the_heads_an_uncached_run_gives(encoder, heads):
+    # --no_augment: one encoder pass fills the cache, then every epoch reads its own shuffled batches from it.
+    # 45 images in batches of 16 with drop_last: each epoch leaves out other images, so the cache holds them all.
+    # "cls" alone keeps one token of the 5 (the rest zeros on reuse); abmilp reads every token.
+    g = torch.Generator().manual_seed(3)
+    data = TensorDataset(torch.randn(45, 3, 32, 32, generator=g), torch.randint(0, NUM_CLASSES, (45,), generator=g))
+    config = make_config("--cls_features", heads, "--blr", "1,3", "--batch_size", "16", "--epochs", "3",
+                         "--warmup_epochs", "1", "--no_augment", "--cache_train_features", "1")
+    uncached = train(config, encoder, data)
+    tokens_fn = CountingTokens(encoder)
+    probe_set, optimizer = build(config, encoder)
+    cache = engine.TokenCache(engine.cache_layout(probe_set, encoder), len(data))
+    cache.fill(tokens_fn, build_loader(data, 16, train=False), 16)
+    assert tokens_fn.calls == 3 and cache.capacity == 45
+    loader = cache.loader(build_loader(data, 16, train=True, seed=config.seed))
+    assert len(loader) == 2
+    for epoch in range(config.epochs):
+        loader.set_epoch(epoch)
+        one_epoch(config, engine.cached_tokens, probe_set, loader, optimizer, epoch)
+    assert tokens_fn.calls == 3  # the epochs ran no encoder forward
+    if cache.layout.every_token:  # k-NN's features from the cache, without an encoder pass
+        from util.knn import extract_features
+        fresh = extract_features(engine.FrozenTokens(encoder, device="cpu"), build_loader(data, 16, train=False))
+        cached_features = extract_features(engine.tokens_or_cached(tokens_fn), cache.shard_batches(16))
+        assert tokens_fn.calls == 3
+        assert all(torch.equal(fresh[0][k], cached_features[0][k]) for k in fresh[0])
+        assert torch.equal(fresh[1], cached_features[1])
+    for name in uncached.names:
+        expected, cached = probe_state(uncached, name), probe_state(probe_set, name)
+        assert all(torch.equal(cached[key], expected[key]) for key in expected), name
+    init, _ = build(config, encoder)
+    assert not torch.equal(probe_state(init, uncached.names[0])["classifier.weight"],
+                           probe_state(uncached, uncached.names[0])["classifier.weight"])
 
 
 def test_eval_cache_of_cls_heads_keeps_only_cls(encoder, dataset):
@@ -308,7 +344,7 @@ def test_eval_cache_of_cls_heads_keeps_only_cls(encoder, dataset):
     assert layout.bytes_per_image() == 32 * 4  # one float32 token of width 32
     loader = build_loader(dataset, 16, train=False)
     fresh = engine.evaluate(engine.FrozenTokens(encoder, device="cpu"), probe_set, loader, device="cpu")
-    cache = engine.EvalTokenCache(layout, len(dataset))
+    cache = engine.TokenCache(layout, len(dataset))
     engine.evaluate(engine.FrozenTokens(encoder, device="cpu"), probe_set, loader, device="cpu", cache=cache)
     assert cache.buffers["tokens"].shape == (48, 1, 32) and "attn" not in cache.buffers
     assert engine.evaluate(None, probe_set, loader, device="cpu", cache=cache) == fresh
@@ -346,7 +382,7 @@ def test_eval_cache_keeps_every_attention_row_the_heads_read(family):
                                                        has_cls=enc.has_class_token)}).eval()
         layout = engine.cache_layout(probe_set, enc)
         assert 0 < len(layout.attn_rows) <= 16 < layout.keys
-        cache = engine.EvalTokenCache(layout, 3)
+        cache = engine.TokenCache(layout, 3)
         list(cache.batches(lambda images: batch, [(None, torch.arange(3))]))
         (cached, _), = cache.batches(None, None)
         kept = torch.zeros_like(batch.attn)
@@ -369,7 +405,7 @@ def test_eval_cache_keeps_mae_scale_tokens_exactly():
     with torch.no_grad():
         probe_set(tokens_fn(torch.arange(48)))  # BatchNorm statistics of these features
     fresh = engine.evaluate(tokens_fn, probe_set, loader, device="cpu")
-    cache = engine.EvalTokenCache(engine.cache_layout(probe_set, SimpleEncoder()), 48)
+    cache = engine.TokenCache(engine.cache_layout(probe_set, SimpleEncoder()), 48)
     engine.evaluate(tokens_fn, probe_set, loader, device="cpu", cache=cache)
     assert torch.equal(cache.buffers["tokens"], tokens)
     assert engine.evaluate(None, probe_set, loader, device="cpu", cache=cache) == fresh

@@ -452,6 +452,8 @@ for _name, _flags, _fragments in [
     ("map_heads_zero", ["--cls_features", "map", "--map_heads", "0"], ["--map_heads 0"]),
     ("abmilp_depth_zero", ["--cls_features", "abmilp", "--abmilp_depth", "0"], ["--abmilp_depth 0"]),
     ("cache_size_negative", ["--cache_eval_features", "-1"], ["--cache_eval_features -1"]),
+    ("train_cache_with_augmentation", ["--cache_train_features", "1"], ["--cache_train_features 1", "--no_augment"]),
+    ("decoder_gpu_without_cuda", ["--decoder", "gpu", "--device", "cpu"], ["--decoder gpu", "--decoder fast"]),
 ]:
     CASES[_name] = flag_case(_flags, *_fragments)
 

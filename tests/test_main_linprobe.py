@@ -394,3 +394,33 @@ def test_collect_results_tables_the_real_runs(shot_runs, tmp_path):
         f"| random vit_tiny_patch16 | data | 3-shot (seed 1) | - | - | - | {best(root / 'seed1', 'knn-cls'):.2f} | "
         f"{best(root / 'seed1', 'knn-mean'):.2f} | {root / 'seed1'} |"]
     assert done.stdout.splitlines()[-1] == f"- {unfinished}: unfinished (1 of 1 epochs logged, no results.json)"
+
+
+# ------------------------------------------------------------------ --decoder fast and the --no_augment cache
+
+def test_cached_no_augment_run_trains_the_heads_of_an_uncached_one(tmp_path):
+    # JPEGs through --decoder fast, 2 workers; the second run keeps the training and validation tokens after one
+    # encoder pass (--cache_train_features, --cache_eval_features) and must end with the same heads and scores.
+    from helpers import make_image
+    for split, count in (("train", 10), ("val", 4)):
+        for c in range(2):
+            (tmp_path / "data" / split / f"c{c}").mkdir(parents=True)
+            for j in range(count):
+                make_image(48, 100 * c + j + (0 if split == "train" else 50), c).save(
+                    tmp_path / "data" / split / f"c{c}" / f"{j}.jpg", quality=90)
+    common = ["--data_path", tmp_path / "data", "--model", "vit_tiny_patch16", "--input_size", "32", "--device", "cpu",
+              "--num_workers", "2", "--cls_features", "cls,pos", "--blr", "1", "--batch_size", "8", "--epochs", "3",
+              "--warmup_epochs", "1", "--decoder", "fast", "--no_augment", "--knn", "--knn_k", "3"]
+    run(*common, "--output_dir", tmp_path / "plain")
+    done = run(*common, "--output_dir", tmp_path / "cached", "--cache_train_features", "1",
+               "--cache_eval_features", "1")
+    assert "train cache: 20 training images per process x (5 token(s) x 192 channels)" in done.stdout
+    plain, cached = last_probes(tmp_path / "plain"), last_probes(tmp_path / "cached")
+    assert plain.keys() == cached.keys() and all(torch.equal(plain[k], cached[k]) for k in plain)
+    # k-NN read its features from the caches there: the same rows
+    knn = lambda folder: [r for r in json.loads((folder / "results.json").read_text())  # noqa: E731
+                          if r["head"].startswith("knn")]
+    assert knn(tmp_path / "plain") == knn(tmp_path / "cached") and knn(tmp_path / "plain")
+    drop_speed = lambda line: {k: v for k, v in line.items() if k != "img/s"}  # noqa: E731
+    assert ([drop_speed(line) for line in log_lines(tmp_path / "plain")]
+            == [drop_speed(line) for line in log_lines(tmp_path / "cached")])

@@ -457,3 +457,19 @@ def test_a_gpu_index_under_a_launcher_is_one_line_before_any_rendezvous(tmp_path
     done = run_cli([*DIGITS, "--device", "cuda:0", "--output_dir", tmp_path / "out"], env=env, timeout=120)
     assert_user_error(done, "--device cuda:0 names one GPU for all 2 processes", "pass --device cuda")
     assert not (tmp_path / "out").exists()
+
+
+def test_ddp_train_cache_trains_the_heads_of_an_uncached_ddp_run(tmp_path):
+    # --no_augment under 2 processes: each encodes its shard of the 15 training images once, the shards are
+    # gathered, and every epoch's DistributedSampler batches come from the cache: the same heads as without it.
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=5, val_per_class=2)
+    common = [*TINY, "--data_path", data, "--cls_features", "cls,pos", "--batch_size", "4", "--epochs", "2",
+              "--no_augment"]
+    plain = torchrun([*common, "--output_dir", tmp_path / "plain"], cli_env(**ONE_THREAD))
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    cached = torchrun([*common, "--output_dir", tmp_path / "cached", "--cache_train_features", "1"],
+                      cli_env(**ONE_THREAD))
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    assert "train cache: 15 training images per process" in cached.stdout, cached.stdout
+    heads = [load_checkpoint(tmp_path / run / "checkpoint-last.pth")["probes"] for run in ("plain", "cached")]
+    assert heads[0].keys() == heads[1].keys() and all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])

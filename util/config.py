@@ -174,6 +174,8 @@ class LinprobeConfig:
     start_epoch: int = 0
     eval_only: bool = False
     cache_eval_gib: float = 0.0
+    cache_train_gib: float = 0.0
+    decoder: str = "pil"
     compile: bool = False
     knn: Optional[KnnSpec] = None
     train_subset: Optional[TrainSubset] = None
@@ -288,6 +290,12 @@ def resolve_linprobe(args, world_size=1):
     require(0 <= args.seed <= MAX_SEED, f"--seed {args.seed} is out of range (use 0..{MAX_SEED})")
     finite(args.weight_decay, "--weight_decay", minimum=0)
     finite(args.cache_eval_features, "--cache_eval_features", minimum=0)
+    finite(args.cache_train_features, "--cache_train_features", minimum=0)
+    require(not args.cache_train_features or args.no_augment,
+            f"--cache_train_features {args.cache_train_features:g} needs --no_augment (augmented crops differ every "
+            "epoch, so there are no tokens to keep: add --no_augment, or leave --cache_train_features out)")
+    require(args.decoder != "gpu" or device.startswith("cuda"),
+            f"--decoder gpu decodes on a CUDA device but --device is {device} (use --decoder fast on the CPU)")
     if args.nb_classes is not None:
         at_least(args.nb_classes, "--nb_classes", 1)
 
@@ -335,7 +343,8 @@ def resolve_linprobe(args, world_size=1):
         schedule=WarmupCosine(args.epochs, args.warmup_epochs, args.min_lr), seed=args.seed, device=device,
         amp=check_amp(args.amp, device), output_dir=os.path.expanduser(output_dir), resume=args.resume,
         start_epoch=args.start_epoch, eval_only=args.eval,
-        cache_eval_gib=args.cache_eval_features, compile=args.compile, knn=knn, train_subset=train_subset,
+        cache_eval_gib=args.cache_eval_features, cache_train_gib=args.cache_train_features, decoder=args.decoder,
+        compile=args.compile, knn=knn, train_subset=train_subset,
         num_workers=args.num_workers, pin_mem=args.pin_mem and device.startswith("cuda"),
         affinity_hack=args.dataloader_affinity_hack, wandb=args.wandb, run_name=args.run_name)
 

@@ -56,19 +56,29 @@ class OneDrawResizedCrop(transforms.RandomResizedCrop):
 
     @staticmethod
     def get_params(img, scale, ratio):
-        width, height = TF.get_image_size(img)
-        area = width * height * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        log_ratio = torch.log(torch.tensor(ratio))
-        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item()).item())
-        w = min(width, int(round(math.sqrt(area * aspect))))
-        h = min(height, int(round(math.sqrt(area / aspect))))
-        top = torch.randint(0, height - h + 1, size=(1,)).item()
-        left = torch.randint(0, width - w + 1, size=(1,)).item()
-        return top, left, h, w
+        return one_draw_box(*TF.get_image_size(img), scale, ratio)
 
 
-def build_transform(split, input_size):
-    """MAE linear probing: one-draw RandomResizedCrop + flip for train, Resize(S*256/224) + CenterCrop for val."""
+def one_draw_box(width, height, scale, ratio):
+    """(top, left, height, width) of OneDrawResizedCrop in an image of that size (util/decode.py draws it from
+    a JPEG's header, before decoding)."""
+    area = width * height * torch.empty(1).uniform_(scale[0], scale[1]).item()
+    log_ratio = torch.log(torch.tensor(ratio))
+    aspect = math.exp(torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item()).item())
+    w = min(width, int(round(math.sqrt(area * aspect))))
+    h = min(height, int(round(math.sqrt(area / aspect))))
+    top = torch.randint(0, height - h + 1, size=(1,)).item()
+    left = torch.randint(0, width - w + 1, size=(1,)).item()
+    return top, left, h, w
+
+
+def build_transform(split, input_size, decoder="pil"):
+    """MAE linear probing: one-draw RandomResizedCrop + flip for train, Resize(S*256/224) + CenterCrop for val.
+    decoder "fast"/"gpu": the same crops as uint8 tensors (util/decode.py), normalised later on the device."""
+    if decoder != "pil":
+        from util.decode import build_fast_transform  # util.decode reads images through this module
+
+        return build_fast_transform(split, input_size, decoder)
     if split == "train":
         return transforms.Compose([OneDrawResizedCrop(input_size, interpolation=BICUBIC),
                                    transforms.RandomHorizontalFlip(), *normalize()])
@@ -190,6 +200,8 @@ class ImageFiles(Dataset):
             i = (index + offset) % len(self.samples)
             path, label = self.samples[i]
             try:
+                if getattr(self.transform, "reads_files", False):  # util.decode: decodes the file itself
+                    return self.transform(path), label
                 image = load_rgb(path)
             except BadImageError as err:
                 if not self.skip_bad_images:
@@ -392,7 +404,7 @@ def _named_split(name, root, split, transform, download):
 # ------------------------------------------------------------------------------------------- entry points
 
 def build_dataset(data_path, split, input_size, *, download=False, skip_bad_images=False, augment=True,
-                  subset=None):
+                  subset=None, decoder="pil"):
     """Dataset for linear probing with `.classes` and `.targets`.
 
     data_path: ImageFolder root (train/, val/) | "digits" | a name of NAMED_SETS, optionally as "name:/root"
@@ -400,13 +412,13 @@ def build_dataset(data_path, split, input_size, *, download=False, skip_bad_imag
     of a built-in name in the current directory wins over the built-in dataset (`data_source` says which is read).
     augment=False gives the train split the deterministic val
     transform. subset (a util.subsets.TrainSubset, train split only): keep the images it selects; the result's
-    `.selection` says which.
+    `.selection` says which. decoder: build_transform's, for image files and named sets (digits keep PIL's).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if subset is not None and split != "train":
         raise ValueError("a subset applies to the train split only (evaluation uses the whole val split)")
-    dataset = _open_dataset(str(data_path), split, input_size, download, skip_bad_images, augment)
+    dataset = _open_dataset(str(data_path), split, input_size, download, skip_bad_images, augment, decoder)
     if subset is None:
         return dataset
     selection = select(sample_ids(dataset, data_path, split), dataset.targets, subset)
@@ -415,7 +427,7 @@ def build_dataset(data_path, split, input_size, *, download=False, skip_bad_imag
     return chosen
 
 
-def _open_dataset(data_path, split, input_size, download, skip_bad_images, augment):
+def _open_dataset(data_path, split, input_size, download, skip_bad_images, augment, decoder="pil"):
     """One split of the dataset `data_path` names, whole."""
     look = split if augment else "val"
     folder = _shadowing_folder(data_path)
@@ -431,8 +443,8 @@ def _open_dataset(data_path, split, input_size, download, skip_bad_images, augme
     if name == "digits_clutter":  # generated on first use (util/digits_clutter.py), optionally "digits_clutter:/root"
         return digits_clutter.build(split, input_size, root=root or None, augment=augment)
     if name in NAMED_SETS:
-        return _named_split(name, root, split, build_transform(look, input_size), download)
-    return _imagefolder_split(Path(data_path).expanduser(), split, build_transform(look, input_size),
+        return _named_split(name, root, split, build_transform(look, input_size, decoder), download)
+    return _imagefolder_split(Path(data_path).expanduser(), split, build_transform(look, input_size, decoder),
                               skip_bad_images)
 
 
@@ -654,7 +666,7 @@ class EpochLoader(DataLoader):
 
 
 def build_loader(dataset, batch_size, *, train, num_workers=0, pin_mem=False, distributed=False, seed=0,
-                 drop_last=None):
+                 drop_last=None, collate_fn=None):
     """Loader for one split. train shuffles (seeded, per epoch via loader.set_epoch); distributed shards.
 
     drop_last defaults to `train` (MAE) but is dropped when the data holds less than one full batch, so a
@@ -674,4 +686,4 @@ def build_loader(dataset, batch_size, *, train, num_workers=0, pin_mem=False, di
     drop_last = train if drop_last is None else drop_last
     drop_last = drop_last and len(sampler) >= batch_size
     return EpochLoader(dataset, seed=seed, rank=rank, batch_size=batch_size, sampler=sampler,
-                       num_workers=num_workers, pin_memory=pin_mem, drop_last=drop_last)
+                       num_workers=num_workers, pin_memory=pin_mem, drop_last=drop_last, collate_fn=collate_fn)

@@ -178,6 +178,7 @@ def experiment_identity(config, *, encoder_source, oracle_source, classes, nb_cl
         "classes": list(classes),
         "nb_classes": nb_classes,
         "augment": config.augment,
+        "decoder": config.decoder,  # --decoder fast/gpu: the same crops, pixels within resampling tolerance
         "probes": {p.name: p.head for p in config.probes},
         "lrs": {p.name: p.lr for p in config.probes},
         "head_options": asdict(config.head_options),
