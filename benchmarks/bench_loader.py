@@ -1,26 +1,36 @@
-"""The input pipeline and the token cache (issue 23), measured in one process on one thread:
+"""The input pipeline and the token cache (issue 23), measured in CPU time:
 
     make bench-loader                       # = python benchmarks/bench_loader.py
     python benchmarks/bench_loader.py --images 256 --rounds 5 [--device cuda]
 
-Times are this process's CPU seconds (one thread): on a shared machine its wall time is mostly waiting.
-(1) loader: images/s of one CPU core through ImageFiles + default_collate, the paper's pipeline (--decoder pil:
-    PIL decode, PIL RandomResizedCrop/Resize+CenterCrop, ToTensor, Normalize) against --decoder fast (and fast
-    without the reduced-size DCT decode, to show its share), train and val, on a generated set of ImageNet-like
-    JPEGs (`imagenet_like`). The pipelines alternate within each round and start every round from the same torch
-    seed, so they cut the same crops; each ratio is the median over rounds of that round's ratio. fast hands
-    uint8 to the device, which normalises; what that would cost on the CPU is shown beside it. --decoder gpu:
-    the workers' share per core (read the file, draw the crop), and with CUDA nvjpeg's decode + crops per GPU.
+Times are CPU seconds: on a shared machine wall time is mostly waiting for other processes' time slices.
+(1) loader, in one process on one thread: images/s of one CPU core through ImageFiles + default_collate, the
+    paper's pipeline (--decoder pil: PIL decode, PIL RandomResizedCrop/Resize+CenterCrop, ToTensor, Normalize)
+    against --decoder fast (and fast without the reduced-size DCT decode, to show its share), train and val, on a
+    generated set of ImageNet-like JPEGs (`imagenet_like`). The pipelines alternate within each round and start
+    every round from the same torch seed, so they cut the same crops; each ratio is the median over rounds of
+    that round's ratio. fast hands uint8 to the device, which normalises; what that would cost on the CPU is shown
+    beside it. --decoder gpu: the workers' share per core (read the file, draw the crop), and with CUDA nvjpeg's
+    decode + crops per GPU.
+    loader, through a DataLoader (the issue's definition; what `loader:` prints): everything the data workers
+    and the main process spend per image until the batch is in the training loop, i.e. the above plus the
+    batch's trip from the workers to the main process (shared memory: float32 for pil, uint8 for fast) and the
+    one copy the main process makes of it (pin_memory's copy into page-locked memory; without CUDA a copy into a
+    reused buffer stands in for it). --workers persistent workers, started by a first epoch that is not counted
+    (the training loop's workers start once per epoch: negligible over ImageNet's 1.28 M images); their CPU time
+    is read from /proc, the main process's with time.process_time; pil and fast take turns epoch by epoch, with
+    the same worker seeds (the same crops).
 (2) cache: 10 epochs of `--no_augment --cache_train_features --cache_eval_features` (one encoder pass, then the
     heads only) over one uncached epoch, CPU ViT-Ti at 224 px, cls,pos,abmilp heads, on the same JPEGs.
 (3) fp16: what rounding cached tokens to float16 would do to MAE-scale tokens (a channel's mean 300x its spread).
 
-Prints `loader: R x the paper's pipeline per core` (the smaller of train and val) and `cache: C x`; writes
-benchmarks/results-loader.json.
+Prints `loader: R x the paper's pipeline per core` (through the DataLoader, the smaller of train and val) and
+`cache: C x`; writes benchmarks/results-loader.json.
 """
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -31,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, default_collate
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -160,6 +170,73 @@ def bench_loader(root, bench):
     return {"img_per_s_per_core": rows, "ratios": ratios, "gpu_decode_img_per_s": gpu_rows}
 
 
+class WorkerPids:
+    """A DataLoader's worker_init_fn that notes each worker's process id, so its CPU time can be read."""
+
+    def __init__(self, workers):
+        self.pids = multiprocessing.RawArray("i", workers)
+
+    def __call__(self, worker_id):
+        self.pids[worker_id] = os.getpid()
+
+
+def process_cpu(pid):
+    """CPU seconds of all threads of process `pid`, user and kernel (the scheduler's nanosecond count)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    return total * 1e-9
+
+
+def bench_dataloader(root, bench):
+    """Per image: CPU seconds of the data workers + the main process through a DataLoader (module docstring)."""
+    size, batch, pin = bench.input_size, bench.batch_size, bench.device.startswith("cuda")
+    host = {}  # without CUDA: the reused buffers the main process copies each batch into, as pin_memory would
+
+    def workers_cpu(pids):
+        return sum(process_cpu(pid) for pid in pids.pids if pid)  # 0: not started yet
+
+    def epoch(loader, pids):
+        workers, main = workers_cpu(pids), cpu_time()
+        for images, _ in loader:
+            if not pin:
+                key = (images.shape, images.dtype)
+                if key not in host:
+                    host[key] = torch.empty_like(images)
+                host[key].copy_(images)
+        return workers_cpu(pids) - workers, cpu_time() - main
+
+    results = {}
+    for split in ("train", "val"):
+        loaders = {}
+        for name, decoder in (("pil (paper)", "pil"), ("fast", "fast")):
+            pids = WorkerPids(bench.workers)
+            # the same generator seed: the same worker seeds, so both pipelines cut the same crops every epoch
+            loader = DataLoader(build_dataset(root, split, size, decoder=decoder), batch, num_workers=bench.workers,
+                                persistent_workers=True, pin_memory=pin, worker_init_fn=pids,
+                                generator=torch.Generator().manual_seed(0))
+            loaders[f"{split} {name}"] = loader, pids
+        for loader, pids in loaders.values():
+            epoch(loader, pids)  # starts the workers; not counted
+        seconds = {name: [] for name in loaders}
+        for _ in range(bench.rounds):
+            for name, (loader, pids) in loaders.items():
+                seconds[name].append(epoch(loader, pids))
+        images = len(loaders[f"{split} fast"][0].dataset)
+        for name, s in seconds.items():
+            results[name] = {"workers_ms_per_image": 1e3 * statistics.median(w for w, _ in s) / images,
+                             "main_ms_per_image": 1e3 * statistics.median(m for _, m in s) / images,
+                             "img_per_s_per_core": images / statistics.median(w + m for w, m in s)}
+        results[f"{split} ratio"] = statistics.median(
+            sum(p) / sum(f) for p, f in zip(seconds[f"{split} pil (paper)"], seconds[f"{split} fast"]))
+        del loaders  # ends the workers
+    return results
+
+
 # -------------------------------------------------------------------------------------------------- cache
 
 def bench_cache(root, bench):
@@ -262,6 +339,7 @@ def parse_args():
     p.add_argument("--cache_images", type=int, default=64, help="training images of the cache measurement")
     p.add_argument("--epochs", type=int, default=10, help="cached epochs weighed against one uncached epoch")
     p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="data workers of the DataLoader measurement")
     p.add_argument("--input_size", type=int, default=224)
     p.add_argument("--device", default="cpu", help="cuda adds --decoder gpu to the loader measurement")
     p.add_argument("--skip_cache", action="store_true", help="only the loader measurement")
@@ -277,6 +355,7 @@ def main(bench):
     with tempfile.TemporaryDirectory() as tmp:
         report["bytes_per_pixel"] = imagenet_like(Path(tmp) / "loader", bench.images)
         report["loader"] = bench_loader(Path(tmp) / "loader", bench)
+        report["dataloader"] = bench_dataloader(Path(tmp) / "loader", bench)
         if not bench.skip_cache:
             imagenet_like(Path(tmp) / "cache", bench.cache_images, seed=1)
             report["cache"] = bench_cache(Path(tmp) / "cache", bench)
@@ -295,17 +374,27 @@ def print_report(bench, report):
           f"{report['load_average_at_end']:.1f} at end; {bench.images} train + {bench.images // 2} val generated "
           f"JPEGs (q{QUALITY}, {density['train']:.2f} bytes/pixel), {bench.input_size} px, batch {bench.batch_size}, "
           f"one thread, medians of {bench.rounds} rounds")
+    print("  in one process (ImageFiles + default_collate, no workers):")
     for name, img_s in loader["img_per_s_per_core"].items():
         print(f"  {name:34s} {img_s:8.1f} img/s per core")
     for split, img_s in loader["gpu_decode_img_per_s"].items():
         print(f"  {split} gpu: nvjpeg decode + crops {img_s:8.1f} img/s per GPU")
     ratios = loader["ratios"]
-    print(f"  fast over pil: train {ratios['train']:.2f}x, val {ratios['val']:.2f}x; "
+    print(f"  fast over pil in one process: train {ratios['train']:.2f}x, val {ratios['val']:.2f}x; "
           f"{ratios['with CPU normalisation']:.2f}x if fast also normalised on the CPU")
+    dataloader = report["dataloader"]
+    copy = "pin_memory" if bench.device.startswith("cuda") else "a copy into a reused buffer standing in for pin_memory"
+    print(f"  through a DataLoader ({bench.workers} workers; {copy}): CPU ms per image, workers + main process")
+    for name, row in dataloader.items():
+        if not name.endswith("ratio"):
+            print(f"  {name:34s} {row['img_per_s_per_core']:8.1f} img/s per core  ({row['workers_ms_per_image']:.3f} "
+                  f"+ {row['main_ms_per_image']:.3f} ms)")
+    print(f"  fast over pil through the DataLoader: train {dataloader['train ratio']:.2f}x, val "
+          f"{dataloader['val ratio']:.2f}x")
     for name, worst in report["fp16"].items():
         print(f"  fp16-rounded tokens, {name}: worst channel correlation [cls] {worst['cls']:.5f}, mean "
               f"{worst['mean']:.5f} ([cls] mean/spread up to {worst['max_mean_over_spread_cls']:.0f})")
-    print(f"loader: {min(ratios['train'], ratios['val']):.2f} x the paper's pipeline per core")
+    print(f"loader: {min(dataloader['train ratio'], dataloader['val ratio']):.2f} x the paper's pipeline per core")
     if "cache" in report:
         cache = report["cache"]
         print(f"  cache: {bench.epochs} cached epochs (fill included) "

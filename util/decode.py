@@ -87,12 +87,13 @@ class FastTransform:
             return self._from_pil(source)
         plan = self.plan(*size)
         scale = draft_scale(plan) if self.draft else 1
-        try:
-            if scale > 1:
-                return self.finish(_drafted(data, plan, scale), plan, resized=True)
-            return self.finish(decode_rgb(data), plan)
+        try:  # only the decoding: an error of ours after it must not hide behind load_rgb's full-size path
+            decoded = _drafted(data, plan, scale) if scale > 1 else decode_rgb(data)
         except (OSError, RuntimeError):  # libjpeg refused the data (PIL's OSError, torchvision's RuntimeError)
             return self.finish(pil_pixels(load_rgb(source)), plan)
+        if scale > 1:
+            return self.finish(pil_pixels(decoded), plan, resized=True)
+        return self.finish(decoded, plan)
 
     def _from_pil(self, path):
         image = load_rgb(path)
@@ -184,21 +185,26 @@ def draft_scale(plan):
 
 
 def _drafted(data, plan, scale):
-    """The Plan's box of a JPEG decoded at 1/scale size, resized to the Plan's size: PIL's resize takes the box
-    in fractional coordinates of the reduced image, so it covers the same part of the picture as at full size."""
+    """The Plan's box of a JPEG decoded at 1/scale size, resized to the Plan's size (a PIL image): PIL's resize
+    takes the box in fractional coordinates of the reduced image, so it covers the same part of the picture as at
+    full size."""
     header = Image.open(io.BytesIO(data.numpy()))
     width, height = header.size
     mode, extent = header.draft("RGB", (width // scale, height // scale))
     reduction = width / extent[2]  # what libjpeg chose; equal to `scale` for every size >= 8 pixels
     top, left, h, w = plan.box
     box = tuple(v / reduction for v in (left, top, left + w, top + h))
-    image = header.convert("RGB").resize(plan.size[::-1], Image.Resampling.BICUBIC, box=box)
-    return pil_pixels(image)
+    return rgb(header).resize(plan.size[::-1], Image.Resampling.BICUBIC, box=box)
+
+
+def rgb(image):
+    """The image in mode RGB; an RGB image itself (convert would copy it: a tenth of a drafted decode)."""
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def pil_pixels(image):
-    """An RGB PIL image as uint8 [3, H, W] in channels-last strides (decode_rgb's layout)."""
-    return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+    """A PIL image as uint8 [3, H, W] RGB in channels-last strides (decode_rgb's layout)."""
+    return torch.from_numpy(np.array(rgb(image), dtype=np.uint8)).permute(2, 0, 1)
 
 
 # ------------------------------------------------------------------------------------------- on the device
