@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from util.cli import run as run_cli
+from cli import run as run_cli
 from util.errors import UserError
 from util.run_state import LOG, RESULTS, RUN_INFO, as_fingerprint
 from util.subsets import TrainSubset

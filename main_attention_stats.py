@@ -21,12 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models_vit import build_encoder, capture_attention
-from util import plots
-from util.amp import autocast
-from util.attention_metrics import AttentionStatsAccumulator, metric_names
-from util.checkpoint import write_json_atomic
-from util.cli import (
+from cli import (
     ENCODER_REMEDIES,
     add_encoder_arguments,
     add_logging_arguments,
@@ -34,10 +29,16 @@ from util.cli import (
     bad_images_reported,
     take_output_dir,
 )
-from util.cli import run as run_cli
-from util.config import resolve_stats
-from util.data import BadImageError, build_image_set, build_loader, data_source
+from cli import run as run_cli
+from config import resolve_stats
+from models_vit import build_encoder, capture_attention
+from util import plots
+from util.amp import autocast
+from util.attention_metrics import AttentionStatsAccumulator, metric_names
+from util.checkpoint import write_json_atomic
+from util.data import build_image_set, build_loader, data_source
 from util.errors import UserError, user_errors
+from util.images import BadImageError
 from util.run_state import file_sha256
 
 CSV_NAME, JSON_NAME = "attention_stats.csv", "attention_stats.json"

@@ -17,11 +17,7 @@ from pathlib import Path
 import torch
 
 import engine_linprobe as engine
-from heads import HEADS, HeadOptions
-from models_vit import NonFiniteWeights, build_encoder
-from util import dist
-from util.checkpoint import UnsafeCheckpoint
-from util.cli import (
+from cli import (
     ENCODER_REMEDIES,
     SAVE_REMEDIES,
     TRUST_REMEDY,
@@ -31,11 +27,14 @@ from util.cli import (
     bad_images_reported,
     take_output_dir,
 )
-from util.cli import run as run_cli
-from util.config import resolve_linprobe
+from cli import run as run_cli
+from config import resolve_linprobe
+from heads import HEADS, HeadOptions
+from models_vit import NonFiniteWeights, build_encoder
+from util import dist
+from util.checkpoint import UnsafeCheckpoint
 from util.data import (
     TORCHVISION_SETS,
-    BadImageError,
     DatasetMissing,
     DatasetNotDownloadable,
     build_dataset,
@@ -44,6 +43,7 @@ from util.data import (
 )
 from util.decode import DECODERS, collate_fn
 from util.errors import UserError, user_errors
+from util.images import BadImageError
 from util.knn import knn_rows
 from util.run_log import RunLog
 from util.run_state import (

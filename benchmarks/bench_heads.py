@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine_linprobe as engine  # noqa: E402
+from config import ProbeSpec  # noqa: E402
 from heads import HEADS, HeadOptions, TokenBatch  # noqa: E402
 from models_vit import MODELS, architecture  # noqa: E402
-from util.config import ProbeSpec  # noqa: E402
 from util.lr_sched import WarmupCosine  # noqa: E402
 
 LEARNED = ["abmilp"] + [h for h, spec in HEADS.items() if spec.learned and h != "abmilp" and not h.endswith("_all")]

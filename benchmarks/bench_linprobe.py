@@ -36,10 +36,10 @@ from timm.models.vision_transformer import VisionTransformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine_linprobe as engine  # noqa: E402
+from config import ProbeSpec  # noqa: E402
 from heads import HEADS, HeadOptions  # noqa: E402
 from models_vit import MODELS, build_encoder  # noqa: E402
 from util.amp import autocast  # noqa: E402
-from util.config import ProbeSpec  # noqa: E402
 from util.lr_sched import WarmupCosine, scaled_lr  # noqa: E402
 
 

@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import engine_linprobe as engine  # noqa: E402
 from benchmarks.bench_linprobe import device_name  # noqa: E402
+from config import ProbeSpec  # noqa: E402
 from heads import HeadOptions  # noqa: E402
 from models_vit import build_encoder  # noqa: E402
-from util.config import ProbeSpec  # noqa: E402
 from util.data import SAMPLE_PHOTOS, build_dataset, build_loader  # noqa: E402
 from util.decode import FastTransform, collate_encoded, device_images  # noqa: E402
 from util.lr_sched import WarmupCosine  # noqa: E402

@@ -25,7 +25,7 @@ def launch_env():
 
 def process_device(device):
     """The device this process uses: any CUDA device becomes cuda:LOCAL_RANK under a launcher (every process on
-    one GPU would make NCCL fail with "Duplicate GPU detected"; util/config refuses an explicit index there)."""
+    one GPU would make NCCL fail with "Duplicate GPU detected"; config.py refuses an explicit index there)."""
     _, world, local_rank = launch_env()
     if world > 1 and str(device).startswith("cuda"):
         return f"cuda:{local_rank}"

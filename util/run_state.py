@@ -194,7 +194,7 @@ def experiment_identity(config, *, encoder_source, oracle_source, classes, nb_cl
 
 
 def pretrain_identity(config):
-    """The settings that define a pretraining experiment (util.config.PretrainConfig): what main_pretrain.py
+    """The settings that define a pretraining experiment (config.PretrainConfig): what main_pretrain.py
     records as its checkpoints' and release files' "config" and a resume must match. Output, logging, device and
     worker settings are not in it. Sorted by name, as those files have always held it (part of their bytes)."""
     c = config

@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from heads import HEADS, HeadOptions, resolve_head
+from models_vit import MODELS, architecture
 from util.data import NAMED_SETS
 from util.dist import launch_env
 from util.errors import UserError
@@ -109,8 +110,6 @@ class EncoderSpec:
 
 def model_architecture(model):
     """models_vit.architecture for a --model value: sizes known without reading weights or downloading."""
-    from models_vit import architecture
-
     try:
         return architecture(model)
     except ValueError as err:
@@ -466,8 +465,6 @@ class ExportConfig:
 
 def _pretrain_architecture(model, overrides, input_size):
     """The preset's sizes with the overrides applied, checked the way MAE and MoCo v3 build their ViTs."""
-    from models_vit import MODELS, architecture
-
     require(model in MODELS, f"unknown model '{model}' for pretraining (choose one of {', '.join(MODELS)})")
     for name, value in overrides.items():
         at_least(value, f"--{name}", 1)
