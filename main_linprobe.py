@@ -30,7 +30,7 @@ from cli import (
 from cli import run as run_cli
 from config import resolve_linprobe
 from heads import HEADS, HeadOptions
-from models_vit import NonFiniteWeights, build_encoder
+from models_vit import build_encoder
 from util import dist
 from util.checkpoint import UnsafeCheckpoint
 from util.data import (
@@ -45,6 +45,7 @@ from util.decode import DECODERS, collate_fn
 from util.errors import UserError, user_errors
 from util.images import BadImageError
 from util.knn import knn_rows
+from util.release_layouts import NonFiniteWeights
 from util.run_log import RunLog
 from util.run_state import (
     BEST,

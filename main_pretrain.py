@@ -33,11 +33,12 @@ from cli import (
 )
 from cli import run as run_cli
 from config import PRETRAIN_RECIPES, resolve_export, resolve_pretrain
-from models_vit import NOT_ENCODER, architecture
+from models_vit import architecture
 from util.checkpoint import load_checkpoint, save_atomic
 from util.data import build_dataset, build_loader
 from util.errors import UserError, user_errors
 from util.images import BICUBIC, BadImageError, normalize
+from util.release_layouts import NOT_ENCODER
 from util.run_log import RunLog
 from util.run_state import LAST, LOG, IdentityMismatch, first_difference, pretrain_identity, truncate_log
 

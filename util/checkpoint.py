@@ -18,10 +18,6 @@ from pathlib import Path
 import torch
 
 
-class NonFiniteWeights(ValueError):
-    """The checkpoint holds NaN or inf weights (a diverged run); nothing useful can be probed from it."""
-
-
 def _looks_like_safetensors(path):
     """A safetensors file starts with a little-endian u64 header length, then a JSON object."""
     with open(path, "rb") as f:
