@@ -9,7 +9,7 @@ The learned poolers themselves live in `poolers.py`; here they get their tokens 
 """
 import dataclasses
 from dataclasses import dataclass, field, fields
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -412,14 +412,24 @@ class Probe(nn.Module):
         return self.aggregation.attention_map
 
 
+class NoClsToken(ValueError):
+    """Heads that read the [cls] token were asked of an encoder without one."""
+
+
+def require_cls_token(names: Sequence[str], has_cls: bool, encoder: str = "the encoder") -> None:
+    """NoClsToken naming the heads of `names` that read [cls], when `encoder` (a phrase for the message) has none."""
+    readers = [n for n in names if resolve_head(n).needs_cls]
+    if readers and not has_cls:
+        raise NoClsToken(f"--cls_features {','.join(readers)} reads [cls] but {encoder} has none")
+
+
 def build_probe(name: str, embed_dim: int, num_classes: int, grid: Tuple[int, int], num_prefix: int,
                 options: Optional[HeadOptions] = None, has_cls: Optional[bool] = None) -> Probe:
     """`num_prefix`: tokens before the patches ([cls] and registers); `has_cls`: whether token 0 is [cls]
     (default: num_prefix > 0; an encoder with registers but no [cls] must say False)."""
     spec = resolve_head(name)
     has_cls = num_prefix > 0 if has_cls is None else has_cls
-    if spec.needs_cls and not has_cls:
-        raise ValueError(f"head {spec.name} reads the [cls] token but the encoder has none")
+    require_cls_token([spec.name], has_cls)
     options = options or HeadOptions()
     aggregation = spec.builder(embed_dim, tuple(grid), num_prefix, options)
     return Probe(aggregation, num_classes, head_name=spec.name, init=options.head_init)

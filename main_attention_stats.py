@@ -37,6 +37,7 @@ from util.amp import autocast
 from util.attention_metrics import AttentionStatsAccumulator, metric_names
 from util.checkpoint import write_json_atomic
 from util.data import build_image_set, build_loader, data_source
+from util.dist import is_cuda
 from util.errors import UserError, user_errors
 from util.images import BadImageError
 from util.run_state import file_sha256
@@ -256,7 +257,7 @@ def attention_stats(config, output_dir):
         encoder = build_encoder(config.encoder.model, config.encoder.finetune,
                                 **config.encoder.build_kwargs()).to(config.device)
     loader = build_loader(dataset, config.batch_size, train=False, num_workers=config.num_workers,
-                          pin_mem=config.device.startswith("cuda"))
+                          pin_mem=is_cuda(config.device))
     embeddings = EmbeddingSamples(config.seed) if config.draw_2d_embeddings else None
 
     start = time.time()

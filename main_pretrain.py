@@ -36,6 +36,7 @@ from config import PRETRAIN_RECIPES, resolve_export, resolve_pretrain
 from models_vit import architecture
 from util.checkpoint import load_checkpoint, save_atomic
 from util.data import build_dataset, build_loader
+from util.dist import is_cuda
 from util.errors import UserError, user_errors
 from util.images import BICUBIC, BadImageError, normalize
 from util.release_layouts import NOT_ENCODER
@@ -277,7 +278,7 @@ def pretrain(config):
                                        betas=config.betas)
     dataset = build_train_set(config)
     loader = build_loader(dataset, config.batch_size, train=True, num_workers=config.num_workers,
-                          pin_mem=config.device.startswith("cuda"), seed=config.seed)
+                          pin_mem=is_cuda(config.device), seed=config.seed)
     identity = pretrain_identity(config)
     last = os.path.join(config.output_dir, LAST)
     resume = config.resume or (last if os.path.exists(last) else "")

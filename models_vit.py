@@ -37,6 +37,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from util import release_layouts
+from util.checkpoint import CHECKPOINT_SUFFIXES
 
 # Presets: sizes only; the rest of the architecture (cls, registers, layer scale, position embedding, relative
 # position bias) is read from the checkpoint. Any timm ViT/BEiT architecture name is accepted as well.
@@ -380,7 +381,7 @@ def build_encoder(model, finetune="", *, checkpoint_key=None, input_size=224, no
 
 
 def _looks_like_path(name):
-    return os.sep in name or name.endswith((".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar"))
+    return os.sep in name or name.endswith(CHECKPOINT_SUFFIXES)
 
 
 def _check_input_size(input_size, patch):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+# The file endings a checkpoint is written with (torch, safetensors, Lightning, old tar archives).
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".safetensors", ".ckpt")
 
 def _looks_like_safetensors(path):
     """A safetensors file starts with a little-endian u64 header length, then a JSON object."""

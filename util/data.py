@@ -28,7 +28,7 @@ from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 from tqdm import tqdm
 
-from util import digits_clutter
+from util import digits_clutter, dist
 from util.decode import build_fast_transform
 from util.images import BICUBIC, BadImageError, OneDrawResizedCrop, load_rgb, normalize
 from util.subsets import select
@@ -576,8 +576,7 @@ def build_loader(dataset, batch_size, *, train, num_workers=0, pin_mem=False, di
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
-    world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if dist_on else (1, 0)
+    world, rank = dist.world_size(), dist.rank()
     if train:  # one epoch-indexed order for single-process runs too
         sampler = EpochShuffle(dataset, num_replicas=world if distributed else 1, rank=rank if distributed else 0,
                                seed=seed)

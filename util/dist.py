@@ -23,11 +23,16 @@ def launch_env():
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def is_cuda(device):
+    """Whether `device` (a name such as "cuda:1", or a torch.device) is a CUDA device."""
+    return str(device).startswith("cuda")
+
+
 def process_device(device):
     """The device this process uses: any CUDA device becomes cuda:LOCAL_RANK under a launcher (every process on
     one GPU would make NCCL fail with "Duplicate GPU detected"; config.py refuses an explicit index there)."""
     _, world, local_rank = launch_env()
-    if world > 1 and str(device).startswith("cuda"):
+    if world > 1 and is_cuda(device):
         return f"cuda:{local_rank}"
     return device
 
@@ -37,7 +42,7 @@ def init_distributed(device):
     rank, world, local_rank = launch_env()
     if world <= 1 or dist.is_initialized():
         return
-    use_cuda = str(device).startswith("cuda")
+    use_cuda = is_cuda(device)
     if use_cuda:
         torch.cuda.set_device(torch.device(device))
     backend = "nccl" if use_cuda else "gloo"

@@ -256,9 +256,11 @@ class RunState:
 
     # -- resume
 
-    def auto_resume_path(self):
+    def resume_path(self, resume=""):
+        """The checkpoint to continue from: `resume` (--resume) if given, else the output folder's
+        checkpoint-last.pth if there is one, else ""."""
         path = self.output_dir / LAST
-        return str(path) if path.exists() else ""
+        return resume or (str(path) if path.exists() else "")
 
     def read(self, path, *, explicit):
         """The checkpoint at `path` if it may continue this experiment. Auto-resume (explicit False) needs the same
