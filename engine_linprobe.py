@@ -520,7 +520,7 @@ def _fresh_batches(tokens_fn, loader):
 
 
 @torch.no_grad()
-def evaluate(tokens_fn, probes, loader, *, device, amp="none", desc="eval", cache=None):
+def evaluate(tokens_fn, probes, loader, *, device, amp="none", cache=None):
     """Top-1/top-5 accuracy and loss of every probe on `loader` (tokens from `cache` when one is given).
 
     Under DDP each process sees its own shard (no padding duplicates); the sums are added over processes.
@@ -529,7 +529,7 @@ def evaluate(tokens_fn, probes, loader, *, device, amp="none", desc="eval", cach
     inner = probes.module if hasattr(probes, "module") else probes
     meters = ProbeMeters(inner.names, device)
     batches = cache.batches(tokens_fn, loader) if cache is not None else _fresh_batches(tokens_fn, loader)
-    for batch, targets in tqdm(batches, total=len(loader), desc=desc, disable=not dist.is_main(),
+    for batch, targets in tqdm(batches, total=len(loader), desc="eval", disable=not dist.is_main(),
                                dynamic_ncols=True, leave=False, mininterval=1.0):
         targets = targets.to(device, non_blocking=True)
         with autocast(device, amp):

@@ -9,7 +9,7 @@ The learned poolers themselves live in `poolers.py`; here they get their tokens 
 """
 import dataclasses
 from dataclasses import dataclass, field, fields
-from typing import Callable, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -250,8 +250,6 @@ class DinoV2LinearInput(Aggregation):
 class HeadSpec:
     name: str
     builder: Callable[[int, Tuple[int, int], int, HeadOptions], Aggregation]  # (dim, grid, num_prefix, options)
-    reads: str
-    description: str
     learned: bool = False
     needs_attention: bool = False
     needs_cls: bool = False
@@ -269,30 +267,18 @@ def _crop_builder(cls, k):
     return build
 
 
-_SPECS = [
-    HeadSpec("cls", lambda d, g, p, o: ClsToken(d), "[cls]", "the [cls] token", needs_cls=True),
-    HeadSpec("pos", lambda d, g, p, o: MeanPatches(d), "patch tokens", "mean of the patch tokens"),
-    HeadSpec("both", lambda d, g, p, o: ClsAndMean(2 * d), "[cls] + patch tokens",
-             "[cls] concatenated with the mean patch token (2D wide)", needs_cls=True),
-    HeadSpec("abmilp", lambda d, g, p, o: AbMILPHead(d, g, p, o), "all tokens or patch tokens (--abmilp_content)",
-             "AbMILP: an MLP scores each token, softmax-weighted sum (--abmilp_*)", learned=True),
-    *[HeadSpec(f"cp{k}", _crop_builder(CentreCrop, k), "patch tokens", f"mean of the {k}x{k} centre patches")
-      for k in range(1, 5)],
-    *[HeadSpec(f"ca{k}", _crop_builder(CentreAttention, k), "patch tokens + last-block attention",
-               f"patches weighted by the head-averaged attention of the {k}x{k} centre patches, renormalised",
-               needs_attention=True) for k in range(1, 5)],
-    HeadSpec("attn-mn", lambda d, g, p, o: ClsAttentionMean(d), "patch tokens + last-block [cls] attention",
-             "patches weighted by the [cls] attention averaged over heads, renormalised",
-             needs_attention=True, needs_cls=True),
-    HeadSpec("attn-lcte", lambda d, g, p, o: ClsAttentionLowestEntropy(d), "patch tokens + last-block [cls] attention",
-             "patches weighted by the [cls] attention of the head with the lowest entropy, renormalised",
-             needs_attention=True, needs_cls=True),
-    HeadSpec("oracle", lambda d, g, p, o: OracleAttention(d), "patch tokens + --oracle's [cls] attention",
-             "patches weighted by a second encoder's last-block [cls] attention (mean over heads), renormalised",
-             needs_oracle=True),
+_SPECS = [  # what each reads and does: README's head table
+    HeadSpec("cls", lambda d, g, p, o: ClsToken(d), needs_cls=True),
+    HeadSpec("pos", lambda d, g, p, o: MeanPatches(d)),
+    HeadSpec("both", lambda d, g, p, o: ClsAndMean(2 * d), needs_cls=True),
+    HeadSpec("abmilp", lambda d, g, p, o: AbMILPHead(d, g, p, o), learned=True),
+    *[HeadSpec(f"cp{k}", _crop_builder(CentreCrop, k)) for k in range(1, 5)],
+    *[HeadSpec(f"ca{k}", _crop_builder(CentreAttention, k), needs_attention=True) for k in range(1, 5)],
+    HeadSpec("attn-mn", lambda d, g, p, o: ClsAttentionMean(d), needs_attention=True, needs_cls=True),
+    HeadSpec("attn-lcte", lambda d, g, p, o: ClsAttentionLowestEntropy(d), needs_attention=True, needs_cls=True),
+    HeadSpec("oracle", lambda d, g, p, o: OracleAttention(d), needs_oracle=True),
     *[HeadSpec(f"dinov2_n{n}{'_avgpool' * avg}", lambda d, g, p, o, n=n, avg=avg: DinoV2LinearInput(d, n, avg),
-               f"[cls] of the last {n} block{'s' * (n > 1)}{' + mean patch token' * avg}, after the final norm",
-               f"DINOv2's linear-probe input: n_last_blocks {n}, avgpool {avg}", needs_cls=True, needs_blocks=n)
+               needs_cls=True, needs_blocks=n)
       for n in (1, 4) for avg in (False, True)],
 ]
 
@@ -302,58 +288,50 @@ def _heads(count: Callable[[HeadOptions], int], flag: str = ""):
     return lambda options: (count(options), f"{flag} {count(options)}" if flag else f"its {count(options)} heads")
 
 
-# The learned poolers (poolers.py): name, builder (dim, grid, options) -> Pooler, description, width divisor, and
+# The learned poolers (poolers.py): name, builder (dim, grid, options) -> Pooler, width divisor, and
 # whether the peer's `_all` variant (over [cls] and the patches) exists: not where tokens sit on the patch grid.
 _POOLERS = [
+    # efficient probing: --ep_queries learnable queries, no q/k projections, value split across queries
     ("ep", lambda d, g, o: poolers.EfficientProbing(d, o.ep_queries, o.ep_d_out),
-     "efficient probing: --ep_queries learnable queries, no q/k projections, value split across queries",
      lambda o: (o.ep_queries * o.ep_d_out,
                 f"--ep_queries {o.ep_queries} x --ep_d_out {o.ep_d_out} = {o.ep_queries * o.ep_d_out}"), True),
-    ("simpool", lambda d, g, o: poolers.SimPool(d),
-     "SimPool: mean token as query, one-head attention over LayerNorm-ed tokens", None, True),
+    # SimPool: mean token as query, one-head attention over LayerNorm-ed tokens
+    ("simpool", lambda d, g, o: poolers.SimPool(d), None, True),
+    # timm AttentionPoolLatent (pre-logits): one latent query, --map_heads heads
     ("map", lambda d, g, o: poolers.LatentAttentionPool(d, o.map_heads),
-     "timm AttentionPoolLatent (pre-logits): one latent query, --map_heads heads",
      _heads(lambda o: o.map_heads, "--map_heads"), True),
+    # SimPool without linears: LayerNorm-ed mean query and keys, raw values, --esimpool_heads heads
     ("esimpool", lambda d, g, o: poolers.ESimPool(d, o.esimpool_heads),
-     "SimPool without linears: LayerNorm-ed mean query and keys, raw values, --esimpool_heads heads",
      _heads(lambda o: o.esimpool_heads, "--esimpool_heads"), True),
-    ("clip", lambda d, g, o: poolers.ClipAttentionPool(d, g),
-     "CLIP's attention pool: LayerNorm, then timm AttentionPool2d (mean query, position embedding, 4 heads)",
-     _heads(lambda o: 4), False),
+    # CLIP's attention pool: LayerNorm, then timm AttentionPool2d (mean query, position embedding, 4 heads)
+    ("clip", lambda d, g, o: poolers.ClipAttentionPool(d, g), _heads(lambda o: 4), False),
+    # SigLIP's head: timm AttentionPoolLatent with its projection and MLP, --map_heads heads
     ("siglip", lambda d, g, o: poolers.LatentAttentionPool(d, o.map_heads, full=True),
-     "SigLIP's head: timm AttentionPoolLatent with its projection and MLP, --map_heads heads",
      _heads(lambda o: o.map_heads, "--map_heads"), True),
-    ("aim", lambda d, g, o: poolers.AimPool(d, o.aim_heads),
-     "AIM: BatchNorm-ed tokens, a learned query over key/value projections, --aim_heads heads",
-     _heads(lambda o: o.aim_heads, "--aim_heads"), True),
-    ("cbam", lambda d, g, o: poolers.CbamPool(d, g),
-     "CBAM (timm CbamModule) on the patch grid, residual, ReLU, mean", None, False),
-    ("coca", lambda d, g, o: poolers.CocaPool(d),
-     "CoCa's attentional pooler: one learned query, 8 heads of 64, shared key and value", None, True),
-    ("cait", lambda d, g, o: poolers.CaitPool(d),
-     "CaiT's class attention: a learned [cls] through one class-attention block (4 heads), LayerNorm",
-     _heads(lambda o: 4), True),
-    ("dinovit", lambda d, g, o: poolers.DinoViTPool(d),
-     "one more DINOv2 transformer block (8 heads) over the tokens, then their mean",
-     _heads(lambda o: 8), True),
-    ("jepa", lambda d, g, o: poolers.JepaPool(d, o.jepa_heads),
-     "I-JEPA's attentive pooler: a learned query cross-attends (--jepa_heads heads), residual MLP",
-     _heads(lambda o: o.jepa_heads, "--jepa_heads"), True),
-    ("dolg", lambda d, g, o: poolers.DolgPool(d),
-     "DOLG's spatial attention: per-token softplus score times the L2-normalised BatchNorm-ed projection, mean",
-     None, True),
-    ("cae", lambda d, g, o: poolers.CaePool(d),
-     "CAE's attentive block: a learned query cross-attends (8 heads) over LayerNorm-ed keys and values",
-     _heads(lambda o: 8), True),
+    # AIM: BatchNorm-ed tokens, a learned query over key/value projections, --aim_heads heads
+    ("aim", lambda d, g, o: poolers.AimPool(d, o.aim_heads), _heads(lambda o: o.aim_heads, "--aim_heads"), True),
+    # CBAM (timm CbamModule) on the patch grid, residual, ReLU, mean
+    ("cbam", lambda d, g, o: poolers.CbamPool(d, g), None, False),
+    # CoCa's attentional pooler: one learned query, 8 heads of 64, shared key and value
+    ("coca", lambda d, g, o: poolers.CocaPool(d), None, True),
+    # CaiT's class attention: a learned [cls] through one class-attention block (4 heads), LayerNorm
+    ("cait", lambda d, g, o: poolers.CaitPool(d), _heads(lambda o: 4), True),
+    # one more DINOv2 transformer block (8 heads) over the tokens, then their mean
+    ("dinovit", lambda d, g, o: poolers.DinoViTPool(d), _heads(lambda o: 8), True),
+    # I-JEPA's attentive pooler: a learned query cross-attends (--jepa_heads heads), residual MLP
+    ("jepa", lambda d, g, o: poolers.JepaPool(d, o.jepa_heads), _heads(lambda o: o.jepa_heads, "--jepa_heads"), True),
+    # DOLG's spatial attention: per-token softplus score times the L2-normalised BatchNorm-ed projection, mean
+    ("dolg", lambda d, g, o: poolers.DolgPool(d), None, True),
+    # CAE's attentive block: a learned query cross-attends (8 heads) over LayerNorm-ed keys and values
+    ("cae", lambda d, g, o: poolers.CaePool(d), _heads(lambda o: 8), True),
 ]
-for _name, _build, _description, _divisor, _has_all in _POOLERS:
-    _SPECS.append(HeadSpec(_name, lambda d, g, p, o, build=_build: TokenPooling(build(d, g, o)), "patch tokens",
-                           _description, learned=True, width_divisor=_divisor))
-for _name, _build, _description, _divisor, _has_all in _POOLERS:
+for _name, _build, _divisor, _has_all in _POOLERS:
+    _SPECS.append(HeadSpec(_name, lambda d, g, p, o, build=_build: TokenPooling(build(d, g, o)), learned=True,
+                           width_divisor=_divisor))
+for _name, _build, _divisor, _has_all in _POOLERS:
     if _has_all:
         _SPECS.append(HeadSpec(f"{_name}_all", lambda d, g, p, o, build=_build: TokenPooling(build(d, g, o), True),
-                               "[cls] + patch tokens", f"{_name} over [cls] and the patch tokens", learned=True,
-                               needs_cls=True, width_divisor=_divisor))
+                               learned=True, needs_cls=True, width_divisor=_divisor))
 HEADS = {spec.name: spec for spec in _SPECS}
 
 # The peer's names that mean something else here, with what to pass instead.
@@ -433,21 +411,3 @@ def build_probe(name: str, embed_dim: int, num_classes: int, grid: Tuple[int, in
     options = options or HeadOptions()
     aggregation = spec.builder(embed_dim, tuple(grid), num_prefix, options)
     return Probe(aggregation, num_classes, head_name=spec.name, init=options.head_init)
-
-
-class HeadRow(NamedTuple):
-    name: str
-    reads: str
-    learned: bool
-    n_params: int  # trainable parameters of the aggregation alone (BatchNorm and Linear excluded)
-
-
-def describe_heads(embed_dim: int = 768, grid: Tuple[int, int] = (14, 14), num_classes: int = 1000,
-                   options: Optional[HeadOptions] = None) -> list:
-    """One row per --cls_features value (default: ViT-B/16 at 224 and default options), for the README table."""
-    rows = []
-    for name, spec in HEADS.items():
-        probe = build_probe(name, embed_dim, num_classes, grid, num_prefix=1, options=options)
-        n_params = sum(p.numel() for p in probe.aggregation.parameters() if p.requires_grad)
-        rows.append(HeadRow(name, spec.reads, spec.learned, n_params))
-    return rows

@@ -568,10 +568,10 @@ class EpochLoader(DataLoader):
 
 
 def build_loader(dataset, batch_size, *, train, num_workers=0, pin_mem=False, distributed=False, seed=0,
-                 drop_last=None, collate_fn=None):
+                 collate_fn=None):
     """Loader for one split. train shuffles (seeded, per epoch via loader.set_epoch); distributed shards.
 
-    drop_last defaults to `train` (MAE) but is dropped when the data holds less than one full batch, so a
+    A training loader drops the last partial batch (MAE), unless the data holds less than one full batch, so a
     large --batch_size on a small dataset still trains on one partial batch.
     """
     if batch_size < 1:
@@ -584,7 +584,6 @@ def build_loader(dataset, batch_size, *, train, num_workers=0, pin_mem=False, di
         sampler = ShardSampler(dataset, world, rank)
     else:
         sampler = SequentialSampler(dataset)
-    drop_last = train if drop_last is None else drop_last
-    drop_last = drop_last and len(sampler) >= batch_size
+    drop_last = train and len(sampler) >= batch_size
     return EpochLoader(dataset, seed=seed, rank=rank, batch_size=batch_size, sampler=sampler,
                        num_workers=num_workers, pin_memory=pin_mem, drop_last=drop_last, collate_fn=collate_fn)

@@ -68,7 +68,6 @@ class SubModel:
 @dataclass(frozen=True)
 class Layout:
     name: str
-    recognised_by: str                # how `matches` tells it apart, for the README and summaries
     sub_models: dict                  # name -> SubModel; the first whose entry the file holds is the default
     matches: Callable[[dict], bool]
     family: Optional[str] = None      # the encoder family it needs ('eva', 'capi'); None: ViT or BEiT by its keys
@@ -142,40 +141,45 @@ def _is_mocov3(checkpoint):
 
 # First match wins: the more specific layouts come first.
 LAYOUTS = [
-    Layout("MoCo v3", "'state_dict' holding base_encoder.* (+ momentum_encoder, predictor), with or without DDP's "
-           "module.", {"base_encoder": SubModel("state_dict", "base_encoder."),
+    # 'state_dict' holding base_encoder.* (+ momentum_encoder, predictor), with or without DDP's module.
+    Layout("MoCo v3", {"base_encoder": SubModel("state_dict", "base_encoder."),
                        "momentum_encoder": SubModel("state_dict", "momentum_encoder.")}, _is_mocov3),
-    Layout("I-JEPA", "'target_encoder', 'encoder' (and 'predictor') entries of module.* keys",
-           {"target_encoder": SubModel("target_encoder", ""), "encoder": SubModel("encoder", "")},
+    # 'target_encoder', 'encoder' (and 'predictor') entries of module.* keys
+    Layout("I-JEPA", {"target_encoder": SubModel("target_encoder", ""), "encoder": SubModel("encoder", "")},
            lambda c: bool(_entry(c, "target_encoder"))),
-    Layout("DINO/iBOT/DINOv2 training", "'teacher' (backbone.* + head) and 'student' (module.backbone.*) entries "
-           "(also Franca's released files, DINOv2's code)",
+    # 'teacher' (backbone.* + head) and 'student' (module.backbone.*) entries (also Franca's released files,
+    # DINOv2's code)
+    Layout("DINO/iBOT/DINOv2 training",
            {"teacher": SubModel("teacher", None), "student": SubModel("student", None)},  # backbone.*, or bare
            lambda c: bool(_entry(c, "teacher"))),
-    Layout("DINOv2 training (fvcore)", "'model' holding teacher.backbone.* and student.backbone.* keys",
+    # 'model' holding teacher.backbone.* and student.backbone.* keys
+    Layout("DINOv2 training (fvcore)",
            {"teacher": SubModel("model", "teacher.backbone."), "student": SubModel("model", "student.backbone.")},
            lambda c: any(k.startswith("teacher.backbone.") for k in _entry(c, "model"))),
-    Layout("CAPI", "bare state dict of backbone.encoder.blocks.*.residual1.fn.* (+ backbone.decoder, head)",
-           {"backbone": SubModel(None, "backbone.")}, _is_capi, family="capi"),
-    Layout("EVA02", "'model' or 'module' (DeepSpeed) holding rope.freqs_cos buffers (+ lm_head, mask_token)",
-           {"model": SubModel("model", ""), "module": SubModel("module", "")}, _is_eva02, family="eva"),
-    Layout("PE (Perception Encoder)", "conv1, positional_embedding and transformer.resblocks.*.attn.in_proj_* keys "
-           "(visual.* in a CLIP file), bare or in 'state_dict'/'weights'/'model'",
-           {"visual": SubModel(PE_ENTRIES, None)}, _is_pe, family="eva", patch_key="conv1.weight"),
-    Layout("DINOv3", "bare state dict with storage_tokens and rope_embed.periods",
-           {"state dict": SubModel(None, "")}, _is_dinov3, family="eva"),
-    Layout("SimMIM", "'model' holding encoder.* keys (+ decoder.*)", {"model": SubModel("model", "encoder.")},
+    # bare state dict of backbone.encoder.blocks.*.residual1.fn.* (+ backbone.decoder, head)
+    Layout("CAPI", {"backbone": SubModel(None, "backbone.")}, _is_capi, family="capi"),
+    # 'model' or 'module' (DeepSpeed) holding rope.freqs_cos buffers (+ lm_head, mask_token)
+    Layout("EVA02", {"model": SubModel("model", ""), "module": SubModel("module", "")}, _is_eva02, family="eva"),
+    # conv1, positional_embedding and transformer.resblocks.*.attn.in_proj_* keys (visual.* in a CLIP file), bare
+    # or in 'state_dict'/'weights'/'model'
+    Layout("PE (Perception Encoder)", {"visual": SubModel(PE_ENTRIES, None)}, _is_pe, family="eva",
+           patch_key="conv1.weight"),
+    # bare state dict with storage_tokens and rope_embed.periods
+    Layout("DINOv3", {"state dict": SubModel(None, "")}, _is_dinov3, family="eva"),
+    # 'model' holding encoder.* keys (+ decoder.*)
+    Layout("SimMIM", {"model": SubModel("model", "encoder.")},
            lambda c: any(k.startswith(("encoder.", "module.encoder.")) for k in _entry(c, "model"))),
-    Layout("BEiT/BEiT-v2", "'model' holding q_bias/v_bias or relative_position_bias_table keys",
-           {"model": SubModel("model", "")}, lambda c: beit_style(_entry(c, "model"))),
-    Layout("MAE", "'model' holding the encoder at its root (decoder_*, mask_token dropped)",
-           {"model": SubModel("model", "")}, lambda c: bool(_entry(c, "model"))),
-    Layout("state_dict entry", "'state_dict' holding one encoder (e.g. iBOT's released backbones)",
-           {"state_dict": SubModel("state_dict", None)}, lambda c: bool(_entry(c, "state_dict"))),
-    Layout("DINOv2", "bare state dict with mask_token and ls1/ls2 layer scale, or register_tokens",
-           {"state dict": SubModel(None, "")}, _is_dinov2),
-    Layout("bare state dict", "tensors at the top level (timm, DINO/iBOT released backbones, BEiT)",
-           {"state dict": SubModel(None, "")}, _is_bare),
+    # 'model' holding q_bias/v_bias or relative_position_bias_table keys
+    Layout("BEiT/BEiT-v2", {"model": SubModel("model", "")}, lambda c: beit_style(_entry(c, "model"))),
+    # 'model' holding the encoder at its root (decoder_*, mask_token dropped)
+    Layout("MAE", {"model": SubModel("model", "")}, lambda c: bool(_entry(c, "model"))),
+    # 'state_dict' holding one encoder (e.g. iBOT's released backbones)
+    Layout("state_dict entry", {"state_dict": SubModel("state_dict", None)},
+           lambda c: bool(_entry(c, "state_dict"))),
+    # bare state dict with mask_token and ls1/ls2 layer scale, or register_tokens
+    Layout("DINOv2", {"state dict": SubModel(None, "")}, _is_dinov2),
+    # tensors at the top level (timm, DINO/iBOT released backbones, BEiT)
+    Layout("bare state dict", {"state dict": SubModel(None, "")}, _is_bare),
 ]
 
 
