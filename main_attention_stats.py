@@ -34,7 +34,7 @@ from config import resolve_stats
 from models_vit import build_encoder, capture_attention
 from util import plots
 from util.amp import autocast
-from util.attention_metrics import AttentionStatsAccumulator, metric_names
+from util.attention_metrics import AttentionStatsAccumulator, fourier_grid_problem, metric_names
 from util.checkpoint import write_json_atomic
 from util.data import build_image_set, build_loader, data_source
 from util.dist import is_cuda
@@ -270,7 +270,9 @@ def attention_stats(config, output_dir):
 
     remove_stale_outputs(output_dir, MEASURE)  # only now: a failed run leaves the earlier results in place
     has_cls = bool(encoder.has_class_token)
-    metrics = metric_names(has_cls)
+    metrics = metric_names(has_cls, encoder.grid_size)
+    if fourier_grid_problem(encoder.grid_size):
+        print(f"note: no fourier_delta_log_amplitude: {fourier_grid_problem(encoder.grid_size)}", file=sys.stderr)
     enc = config.encoder
     metadata = dict(model=enc.model, checkpoint=enc.finetune or "random init", simmim=enc.simmim,
                     checkpoint_key=enc.checkpoint_key, data_path=config.data_path, images=stats.images,
