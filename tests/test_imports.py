@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. A module may import its own layer and those below it, never one above.
 LAYERS = [
     ("util", {"util"}),  # every util/*.py: data, checkpoints, schedules, logging; stdlib and third-party only
-    ("models", {"abmilp", "poolers", "heads", "models_vit", "release_layouts", "pretrain_models"}),
+    ("models", {"abmilp", "poolers", "heads", "models_vit", "pretrain_models"}),
     ("engines", {"engine_linprobe", "engine_pretrain"}),
     ("configuration", {"config", "cli"}),
     ("entry points", {"main_linprobe", "main_attention_stats", "main_pretrain", "collect_results", "benchmarks"}),
