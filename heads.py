@@ -7,6 +7,7 @@ aggregation that weights patches keeps its weights of the last forward in `atten
 for several queries) over the N patch tokens in row-major grid order, so `map.reshape(B, *grid)` is an image.
 The learned poolers themselves live in `poolers.py`; here they get their tokens and their row in `HEADS`.
 """
+import argparse
 import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Callable, Optional, Sequence, Tuple
@@ -76,11 +77,11 @@ class HeadOptions:
                                       "or mae (trunc-normal std 0.01, zero bias, as MAE's linprobe)", HEAD_INITS)
 
     @classmethod
-    def from_args(cls, args) -> "HeadOptions":
+    def from_args(cls, args: argparse.Namespace) -> "HeadOptions":
         return cls(**{f.name: getattr(args, f.name, f.default) for f in fields(cls)})
 
     @classmethod
-    def add_arguments(cls, parser) -> None:
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         for f in fields(cls):
             parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, **f.metadata)
 
@@ -120,17 +121,17 @@ class Aggregation(nn.Module):
 
 
 class ClsToken(Aggregation):
-    def forward(self, batch):
+    def forward(self, batch: TokenBatch) -> torch.Tensor:
         return batch.tokens[:, 0]
 
 
 class MeanPatches(Aggregation):
-    def forward(self, batch):
+    def forward(self, batch: TokenBatch) -> torch.Tensor:
         return batch.patches.mean(1)
 
 
 class ClsAndMean(Aggregation):
-    def forward(self, batch):
+    def forward(self, batch: TokenBatch) -> torch.Tensor:
         return torch.cat([batch.tokens[:, 0], batch.patches.mean(1)], dim=1)
 
 
@@ -144,34 +145,34 @@ class WeightedPatches(Aggregation):
         super().__init__(dim)
         self.k = k
 
-    def forward(self, batch):
+    def forward(self, batch: TokenBatch) -> torch.Tensor:
         weights = self.weights(batch)
         self.attention_map = weights.detach()
         return _weighted_sum(weights, batch.patches)
 
 
 class CentreCrop(WeightedPatches):
-    def weights(self, batch):
+    def weights(self, batch: TokenBatch) -> torch.Tensor:
         weights = batch.tokens.new_zeros(batch.tokens.shape[0], batch.patches.shape[1], dtype=torch.float32)
         weights[:, centre_indices(batch.grid, self.k).to(weights.device)] = 1.0 / self.k ** 2
         return weights
 
 
 class CentreAttention(WeightedPatches):
-    def weights(self, batch):
+    def weights(self, batch: TokenBatch) -> torch.Tensor:
         attn = _last_block_attention(batch, f"ca{self.k}").mean(1)  # [B, T, T]
         queries = batch.num_prefix + centre_indices(batch.grid, self.k).to(attn.device)
         return _renormalise(attn[:, queries, batch.num_prefix:].mean(1))
 
 
 class ClsAttentionMean(WeightedPatches):
-    def weights(self, batch):
+    def weights(self, batch: TokenBatch) -> torch.Tensor:
         attn = _last_block_attention(batch, "attn-mn")
         return _renormalise(attn[:, :, 0, batch.num_prefix:].mean(1))
 
 
 class ClsAttentionLowestEntropy(WeightedPatches):
-    def weights(self, batch):
+    def weights(self, batch: TokenBatch) -> torch.Tensor:
         per_head = _renormalise(_last_block_attention(batch, "attn-lcte")[:, :, 0, batch.num_prefix:])  # [B, H, N]
         entropy = -(per_head * per_head.clamp_min(1e-12).log()).sum(-1)
         sharpest = entropy.argmin(dim=1)
@@ -179,7 +180,7 @@ class ClsAttentionLowestEntropy(WeightedPatches):
 
 
 class OracleAttention(WeightedPatches):
-    def weights(self, batch):
+    def weights(self, batch: TokenBatch) -> torch.Tensor:
         if batch.oracle_attn is None:
             raise RuntimeError("head oracle reads TokenBatch.oracle_attn but it is None (run an oracle encoder)")
         if batch.oracle_attn.shape[1] != batch.patches.shape[1]:
@@ -194,7 +195,7 @@ class AbMILPHead(Aggregation):
         self.abmilp = AbMILP(dim, grid, num_prefix, act=options.abmilp_act, sa=options.abmilp_sa,
                              depth=options.abmilp_depth, cond=options.abmilp_cond, content=options.abmilp_content)
 
-    def forward(self, batch):
+    def forward(self, batch: TokenBatch) -> torch.Tensor:
         pooled = self.abmilp(batch.tokens)
         # Plots show the patches' share only; with content=all the prefix tokens' weight is left out.
         self.attention_map = self.abmilp.attention_map[:, -batch.patches.shape[1]:]
@@ -218,7 +219,7 @@ class TokenPooling(Aggregation):
                 state_dict[prefix + "pooler." + key[len(prefix):]] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
-    def forward(self, batch):
+    def forward(self, batch: TokenBatch) -> torch.Tensor:
         patches = batch.patches
         pooled = self.pooler(torch.cat([batch.tokens[:, :1], patches], 1) if self.with_cls else patches)
         weights = self.pooler.attention_map
@@ -235,7 +236,7 @@ class DinoV2LinearInput(Aggregation):
         super().__init__(dim * (n_blocks + avgpool))
         self.n_blocks, self.avgpool = n_blocks, avgpool
 
-    def forward(self, batch):
+    def forward(self, batch: TokenBatch) -> torch.Tensor:
         have = 0 if batch.block_cls is None else batch.block_cls.shape[1]
         if have < self.n_blocks:
             raise ValueError(f"DINOv2's linear input reads the [cls] of the last {self.n_blocks} blocks but the "

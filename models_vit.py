@@ -17,6 +17,7 @@ import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache, partial
+from typing import Iterable, Iterator, Optional, TypedDict, Union, Unpack
 
 import timm
 import torch
@@ -53,6 +54,15 @@ MODELS = {
     "vit_mini_patch8": dict(patch_size=8, embed_dim=64, depth=4, num_heads=2),  # 64 px digits_clutter (issue 14)
 }
 MAE_DEFAULTS = dict(mlp_ratio=4.0, qkv_bias=True)
+
+
+class SizeOverrides(TypedDict, total=False):
+    """Sizes that override a model's (tests build tiny encoders with them)."""
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
 
 
 # ---------------------------------------------------------------- encoders
@@ -245,7 +255,7 @@ def _hiera_layout(net, name):
 
 # ---------------------------------------------------------------- architectures
 
-def architecture(model, **arch):
+def architecture(model: str, **arch: Unpack[SizeOverrides]) -> dict:
     """The architecture a model name stands for, without reading weights or downloading.
 
     A dict: patch_size, embed_dim, depth, num_heads, mlp_ratio (of the last block: Hiera's stages differ),
@@ -351,8 +361,9 @@ def _suggest_eva(found):
 
 # ---------------------------------------------------------------- loading
 
-def build_encoder(model, finetune="", *, checkpoint_key=None, input_size=224, no_cls_token=False,
-                  final_norm=False, simmim=False, trust_checkpoint=False, verbose=True, **arch):
+def build_encoder(model: str, finetune: str = "", *, checkpoint_key: Optional[str] = None, input_size: int = 224,
+                  no_cls_token: bool = False, final_norm: bool = False, simmim: bool = False,
+                  trust_checkpoint: bool = False, verbose: bool = True, **arch: Unpack[SizeOverrides]) -> nn.Module:
     """Frozen encoder (eval, requires_grad False) from a checkpoint file of any release, a timm name or nothing.
 
     `model`: a MODELS preset or a timm ViT/BEiT architecture name (architecture only; no weights are fetched
@@ -508,7 +519,9 @@ def _relative_bias(attn):
     return bias.permute(2, 0, 1).unsqueeze(0)
 
 
-def attention_probabilities(attn, x, attn_mask=None, shared_rel_pos_bias=None, rope=None):
+def attention_probabilities(attn: nn.Module, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                            shared_rel_pos_bias: Optional[torch.Tensor] = None,
+                            rope: Optional[Union[torch.Tensor, tuple]] = None) -> torch.Tensor:
     """Softmax attention [B, H, T, T] that timm's ViT, Beit, Eva (EvaAttention, AttentionRope), Hiera
     (global MaskUnitAttention) or NaFlexVit attention computes for input x, with the block's rotary embedding,
     q/k norms, relative bias and mask.
@@ -572,7 +585,7 @@ def _attention_branch(block, output):
 
 
 @contextmanager
-def capture_attention(encoder, blocks=None):
+def capture_attention(encoder: nn.Module, blocks: Optional[Iterable[int]] = None) -> Iterator[AttentionCapture]:
     """Within the block, each forward fills `cap.records[i]` = {attn, resid_norm, attn_out_norm, out}.
 
     attn: [B, H, T, T] float32 probabilities over all tokens ([cls], registers, patches); resid_norm: |x| of

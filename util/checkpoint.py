@@ -14,6 +14,7 @@ import sys
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
+from typing import Union
 
 import torch
 
@@ -92,7 +93,7 @@ def _python3_name(name):
     return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{attr}"
 
 
-def load_checkpoint(path, *, trust=False):
+def load_checkpoint(path: Union[str, os.PathLike], *, trust: bool = False) -> dict:
     """The dict stored in a torch (.pth, zip or legacy pickle) or safetensors file, on CPU.
 
     A torch file is a pickle, and unpickling can call any function the file names. So it is read with torch's
@@ -207,7 +208,7 @@ def on_cpu(obj):
     return obj
 
 
-def save_atomic(obj, path):
+def save_atomic(obj: object, path: Union[str, os.PathLike]) -> None:
     """torch.save (every tensor on the CPU) to a temporary file unique to this process, fsync, then rename over
     PATH.
 

@@ -11,7 +11,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from tqdm import tqdm
 from util import digits_clutter, dist
 from util.decode import build_fast_transform
 from util.images import BICUBIC, BadImageError, OneDrawResizedCrop, load_rgb, normalize
-from util.subsets import select
+from util.subsets import TrainSubset, select
 
 # scikit-image photographs that ship inside the wheel (no pooch download), natural images only.
 SAMPLE_PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "rocket", "hubble_deep_field",
@@ -42,7 +42,7 @@ DIGITS_SPLIT_SEED = 0
 
 # ----------------------------------------------------------------------------------------------- transforms
 
-def build_transform(split, input_size, decoder="pil"):
+def build_transform(split: str, input_size: int, decoder: str = "pil") -> Callable:
     """MAE linear probing: one-draw RandomResizedCrop + flip for train, Resize(S*256/224) + CenterCrop for val.
     decoder "fast"/"gpu": the same crops as uint8 tensors (util/decode.py), normalised later on the device."""
     if decoder != "pil":
@@ -305,8 +305,9 @@ def _named_split(name, root, split, transform, download):
 
 # ------------------------------------------------------------------------------------------- entry points
 
-def build_dataset(data_path, split, input_size, *, download=False, skip_bad_images=False, augment=True,
-                  subset=None, decoder="pil"):
+def build_dataset(data_path: Union[str, os.PathLike], split: str, input_size: int, *, download: bool = False,
+                  skip_bad_images: bool = False, augment: bool = True, subset: Optional[TrainSubset] = None,
+                  decoder: str = "pil") -> Dataset:
     """Dataset for linear probing with `.classes` and `.targets`.
 
     data_path: ImageFolder root (train/, val/) | "digits" | a name of NAMED_SETS, optionally as "name:/root"
@@ -361,7 +362,7 @@ def _shadowing_folder(data_path):
     return folder if str(data_path) in BUILT_IN and folder.is_dir() else None
 
 
-def data_source(data_path):
+def data_source(data_path: Union[str, os.PathLike]) -> str:
     """What `data_path` reads, in words for a run's summary line."""
     data_path = str(data_path)
     if _shadowing_folder(data_path) is not None:
@@ -416,7 +417,8 @@ def _has_images(folder):
                for entry in os.scandir(folder))
 
 
-def build_image_set(data_path, input_size, *, max_images=None, skip_bad_images=False):
+def build_image_set(data_path: Union[str, os.PathLike], input_size: int, *, max_images: Optional[int] = None,
+                    skip_bad_images: bool = False) -> Dataset:
     """Images for attention statistics, with the val transform and `.classes` / `.targets`.
 
     "samples" = scikit-image's photos; a folder with image files directly inside = unlabelled (class 0,
@@ -491,7 +493,7 @@ class ShardSampler(Sampler):
 SHUFFLE, AUGMENT, HEAD_INIT = 1, 2, 3
 
 
-def derive_seed(seed, epoch, purpose, *more):
+def derive_seed(seed: int, epoch: int, purpose: int, *more: int) -> int:
     """A 64-bit seed for one random stream of a run: (seed, epoch, purpose, *more) through numpy's SeedSequence."""
     return int(np.random.SeedSequence([seed, epoch, purpose, *more]).generate_state(1, np.uint64)[0])
 
@@ -567,8 +569,8 @@ class EpochLoader(DataLoader):
             torch.manual_seed(self.worker_seeds.torch_seed(0))
 
 
-def build_loader(dataset, batch_size, *, train, num_workers=0, pin_mem=False, distributed=False, seed=0,
-                 collate_fn=None):
+def build_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int = 0, pin_mem: bool = False,
+                 distributed: bool = False, seed: int = 0, collate_fn: Optional[Callable] = None) -> "EpochLoader":
     """Loader for one split. train shuffles (seeded, per epoch via loader.set_epoch); distributed shards.
 
     A training loader drops the last partial batch (MAE), unless the data holds less than one full batch, so a

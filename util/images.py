@@ -3,7 +3,9 @@ MAE's one-draw random crop). A leaf: util/data.py, util/decode.py, util/digits_c
 on it, so none of them needs another.
 """
 import math
+import os
 import re
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -16,7 +18,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BICUBIC = transforms.InterpolationMode.BICUBIC
 
 
-def normalize():
+def normalize() -> list:
     return [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
@@ -26,11 +28,13 @@ class OneDrawResizedCrop(transforms.RandomResizedCrop):
     distribution of crop sizes (measured mean crop area 0.53 vs 0.49 of the image), hence this override."""
 
     @staticmethod
-    def get_params(img, scale, ratio):
+    def get_params(img: Image.Image, scale: Tuple[float, float],
+                   ratio: Tuple[float, float]) -> Tuple[int, int, int, int]:
         return one_draw_box(*TF.get_image_size(img), scale, ratio)
 
 
-def one_draw_box(width, height, scale, ratio):
+def one_draw_box(width: int, height: int, scale: Tuple[float, float],
+                 ratio: Tuple[float, float]) -> Tuple[int, int, int, int]:
     """(top, left, height, width) of OneDrawResizedCrop in an image of that size (util/decode.py draws it from
     a JPEG's header, before decoding)."""
     area = width * height * torch.empty(1).uniform_(scale[0], scale[1]).item()
@@ -57,7 +61,7 @@ class BadImageError(ValueError):
         super().__init__(one_line_message(message))
 
 
-def one_line_message(text):
+def one_line_message(text: object) -> str:
     """The original message of a BadImageError re-raised by a DataLoader worker; other text unchanged."""
     text = str(text)
     if "Traceback" not in text:
@@ -67,7 +71,7 @@ def one_line_message(text):
     return match.group(1) if match else text
 
 
-def find_bad_image(exc):
+def find_bad_image(exc: Optional[BaseException]) -> Optional[BadImageError]:
     """The BadImageError behind `exc` (itself, its cause/context, or a worker's re-raise as another type), with
     its one-line message; else None."""
     seen = set()
@@ -93,7 +97,7 @@ def _to_8bit(image):
     return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")
 
 
-def load_rgb(path):
+def load_rgb(path: Union[str, os.PathLike]) -> Image.Image:
     """Open any image (grayscale, 16-bit, RGBA, CMYK, palette...) as 8-bit RGB; BadImageError naming the file."""
     try:
         with open(path, "rb") as f:

@@ -18,7 +18,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +100,7 @@ def _keys(checkpoint, *entries):
     return []
 
 
-def beit_style(keys):
+def beit_style(keys: Iterable[str]) -> bool:
     return any(k.endswith((".attn.q_bias", "relative_position_bias_table")) for k in keys)
 
 
@@ -183,12 +183,12 @@ LAYOUTS = [
 ]
 
 
-def detect(checkpoint):
+def detect(checkpoint: dict) -> Optional[Layout]:
     """The first Layout whose test matches the loaded file (a dict), or None."""
     return next((layout for layout in LAYOUTS if layout.matches(checkpoint)), None)
 
 
-def describe(value):
+def describe(value: object) -> str:
     """A few words on what a checkpoint entry holds, for messages."""
     if torch.is_tensor(value):
         return f"a tensor of shape {tuple(value.shape)}"
@@ -198,14 +198,14 @@ def describe(value):
     return f"{'an' if name[0] in 'aeiouAEIOU' else 'a'} {name}"
 
 
-def holdings(checkpoint, limit=10):
+def holdings(checkpoint: dict, limit: int = 10) -> str:
     """'model (a dict of 3 entries), epoch (an int)' for the first `limit` entries of a file."""
     items = [f"{k} ({describe(v)})" for k, v in list(checkpoint.items())[:limit]]
     more = len(checkpoint) - limit
     return ", ".join(items) + (f" and {more} more" if more > 0 else "")
 
 
-def find_encoder(checkpoint, path, checkpoint_key=None):
+def find_encoder(checkpoint: dict, path: Union[str, os.PathLike], checkpoint_key: Optional[str] = None) -> Encoder:
     """The encoder state dict inside a loaded checkpoint file: the layout's default sub-model, or `checkpoint_key`.
 
     `checkpoint_key` names a sub-model of the detected layout (teacher/student, target_encoder/encoder,
@@ -301,7 +301,7 @@ def _unchunk_blocks(state):
     return {chunked.sub(r"blocks.\1.", k): v for k, v in state.items()}
 
 
-def classify_unreadable(path):
+def classify_unreadable(path: Union[str, os.PathLike]) -> Optional[ValueError]:
     """A file load_checkpoint refused, looked at without unpickling it: TruncatedCheckpoint or NotAStateDict
     (with what it holds), or None. torch.save writes a zip archive whose directory is at its very end."""
     with open(path, "rb") as f:
@@ -341,7 +341,7 @@ CLS_KEYS = ("cls_token", "class_embedding")
 REGISTER_KEYS = ("register_tokens", "reg_token", "storage_tokens", "registers")
 
 
-def read_checkpoint(path, trust=False):
+def read_checkpoint(path: Union[str, os.PathLike], trust: bool = False) -> dict:
     """load_checkpoint, with a truncated file or a pickled list/tensor/array named for what it is."""
     try:
         return load_checkpoint(path, trust=trust)
@@ -354,12 +354,12 @@ def read_checkpoint(path, trust=False):
         raise better from err
 
 
-def block_indices(state):
+def block_indices(state: dict) -> list:
     """The block indices a checkpoint holds (a depth that differs from the model's is a misfit, named later)."""
     return sorted({int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()})
 
 
-def require_keys(found, model, keys):
+def require_keys(found: Encoder, model: str, keys: Iterable[str]) -> None:
     """MissingKeys naming the keys of `keys` that the checkpoint lacks."""
     missing = [k for k in keys if " or " in k or k not in found.state]
     if missing:
@@ -369,7 +369,7 @@ def require_keys(found, model, keys):
             "them is another architecture)")
 
 
-def no_embed_class(state, prefix):
+def no_embed_class(state: dict, prefix: int) -> bool:
     """Whether the position embedding leaves the prefix tokens out (timm's no_embed_class)."""
     if "register_tokens" in state:
         return True  # timm's DINOv2 converter folds [cls]'s position into cls_token; registers never had one
@@ -395,7 +395,7 @@ def _pos_grid(state):
     return None
 
 
-def load_state(encoder, found, model):
+def load_state(encoder: nn.Module, found: Encoder, model: str) -> str:
     """Convert the release's keys with timm's converter and load them strictly; returns summary notes."""
     state, source = found.state, found.description
     expected = encoder.state_dict()
@@ -564,7 +564,7 @@ def _guess(state):
     return ", ".join(words)
 
 
-def check_finite(state, source):
+def check_finite(state: dict, source: str) -> None:
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         counts = [f"{k} ({int(torch.isnan(state[k]).sum())} NaN, {int(torch.isinf(state[k]).sum())} inf)"
