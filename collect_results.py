@@ -23,12 +23,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from util.cli import run as run_cli
+from cli import run as run_cli
+from util.checkpoint import CHECKPOINT_SUFFIXES
 from util.errors import UserError
 from util.run_state import LOG, RESULTS, RUN_INFO, as_fingerprint
 from util.subsets import TrainSubset
 
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".safetensors", ".ckpt")
 # Every column of a row's key, in the order shown. The Markdown table leaves out those all runs agree on, except
 # the first and the last two; "encoder sha256" is shown in the encoder column when one name has two contents.
 KEY_COLUMNS = ("encoder", "encoder sha256", "sub-model", "input size", "block", "final norm", "dataset",

@@ -8,7 +8,7 @@ import time
 import weakref
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from typing import Tuple
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -33,6 +33,7 @@ from util.amp import autocast
 from util.data import HEAD_INIT, derive_seed
 from util.decode import device_images, pad_batch
 from util.lars import LARS
+from util.lr_sched import WarmupCosine
 
 
 class NonFiniteLoss(RuntimeError):
@@ -144,15 +145,16 @@ class ProbeSet(nn.Module):
     def probes(self) -> dict:
         return dict(zip(self.names, self.heads))
 
-    def state_key(self, name):
+    def state_key(self, name: str) -> str:
         """Prefix of a probe's entries in this module's state_dict()."""
         return f"heads.{self.names.index(name)}."
 
-    def forward(self, batch: TokenBatch):
+    def forward(self, batch: TokenBatch) -> dict:
         return {name: head(batch) for name, head in zip(self.names, self.heads)}
 
 
-def build_probe_set(probes, encoder, nb_classes, options: HeadOptions, seed):
+def build_probe_set(probes: Sequence, encoder: nn.Module, nb_classes: int, options: HeadOptions,
+                    seed: int) -> ProbeSet:
     """One Probe per ProbeSpec; each initialised from the same seed, exactly as if it were trained alone."""
     built = {}
     for spec in probes:
@@ -163,7 +165,7 @@ def build_probe_set(probes, encoder, nb_classes, options: HeadOptions, seed):
     return ProbeSet(built)
 
 
-def build_optimizer(probe_set, probes, kind, weight_decay):
+def build_optimizer(probe_set: ProbeSet, probes: Sequence, kind: str, weight_decay: float) -> torch.optim.Optimizer:
     """One optimizer over every probe: a param group per probe, carrying that probe's own peak lr."""
     groups = [{"params": [p for p in probe_set.probes[spec.name].parameters() if p.requires_grad],
                "peak_lr": spec.lr, "probe": spec.name, "weight_decay": weight_decay} for spec in probes]
@@ -181,7 +183,7 @@ class ProbeMeters:
         self.names = list(names)
         self.sums = torch.zeros(len(self.names), 4, dtype=torch.float64, device=device)  # loss, top1, top5, n
 
-    def update(self, logits: dict, targets, losses: dict = None):
+    def update(self, logits: dict, targets: torch.Tensor, losses: Optional[dict] = None) -> None:
         # Stays on the device: one host sync per epoch, not one per probe per step.
         n = targets.shape[0]
         rows = []
@@ -194,7 +196,7 @@ class ProbeMeters:
             rows.append(torch.stack([loss * n, hits1, hits5, torch.ones_like(loss) * n]))
         self.sums += torch.stack(rows).double()
 
-    def result(self, prefix):
+    def result(self, prefix: str) -> dict:
         sums = dist.all_reduce_sum(self.sums.clone())
         out = {}
         for i, name in enumerate(self.names):
@@ -217,8 +219,10 @@ def _check_finite(iteration, losses, names, epoch):
     return losses.mean().item()
 
 
-def train_one_epoch(tokens_fn, probes, loader, optimizer, scaler, epoch, *, schedule, device, amp="none",
-                    accum_iter=1):
+def train_one_epoch(tokens_fn: Optional[Callable[..., TokenBatch]], probes: nn.Module, loader: Iterable,
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int, *,
+                    schedule: WarmupCosine, device: Union[str, torch.device], amp: str = "none",
+                    accum_iter: int = 1) -> Tuple[dict, float]:
     """One pass over the training set; returns ({probe: {train_loss, train_acc1, train_acc5, lr}}, img/s).
 
     scaler: a torch.amp.GradScaler, enabled for float16 autocast only.
@@ -287,15 +291,15 @@ class CacheLayout:
     blocks: int = 0                  # DINOv2's heads: [cls] of the last `blocks` blocks and a normed patch mean
 
     @property
-    def every_token(self):
+    def every_token(self) -> bool:
         """Every token and nothing else is kept: what k-NN's [cls] and mean-pooled features need."""
         return self.tokens == self.keys and not self.attn_heads and not self.oracle_patches
 
-    def bytes_per_image(self, element_size=4):
+    def bytes_per_image(self, element_size: int = 4) -> int:
         return element_size * (self.tokens * self.width + self.attn_heads * len(self.attn_rows) * self.keys
                                + self.oracle_patches + (self.blocks + 1) * self.width * bool(self.blocks))
 
-    def describe(self):
+    def describe(self) -> str:
         parts = [f"{self.tokens} token(s) x {self.width} channels"]
         if self.attn_heads:
             parts.append(f"attention {self.attn_heads} heads x {len(self.attn_rows)} of {self.keys} rows x "
@@ -307,7 +311,8 @@ class CacheLayout:
         return " + ".join(parts)
 
 
-def cache_layout(probe_set, encoder, *, block=None, oracle=None) -> CacheLayout:
+def cache_layout(probe_set: ProbeSet, encoder: nn.Module, *, block: Optional[int] = None,
+                 oracle: Optional[nn.Module] = None) -> CacheLayout:
     """The CacheLayout of `probe_set`'s heads on `encoder`'s tokens (of `block`)."""
     probes = list((probe_set.module if hasattr(probe_set, "module") else probe_set).heads)
     grid, prefix = tuple(encoder.grid_size), encoder.num_prefix_tokens
@@ -415,7 +420,7 @@ class TokenCache:
                           oracle_attn=cached("oracle"), has_cls=layout.has_cls, block_cls=cached("block_cls"),
                           normed_patch_mean=cached("patch_mean")), b["targets"][rows]
 
-    def batches(self, tokens_fn, loader):
+    def batches(self, tokens_fn: Optional[Callable[..., TokenBatch]], loader: Iterable) -> Iterator[tuple]:
         """(TokenBatch, targets) pairs: from the cache when complete, else from the encoder (filling the cache)."""
         if self.complete:
             starts = [0] + self.batch_ends[:-1]
@@ -429,7 +434,7 @@ class TokenCache:
             yield batch, targets
         self.complete = True
 
-    def fill(self, tokens_fn, loader, batch_size):
+    def fill(self, tokens_fn: Callable[..., TokenBatch], loader: Iterable, batch_size: int) -> None:
         """One encoder pass over `loader`: this process's ShardSampler shard of the training set, in order (its
         whole set without DDP); then every process holds every image's rows, in dataset order.
 
@@ -453,14 +458,14 @@ class TokenCache:
         if dist.world_size() > 1:
             self._page_lock()
 
-    def shard_batches(self, batch_size):
+    def shard_batches(self, batch_size: int) -> Iterator[tuple]:
         """(TokenBatch, targets) of this process's ShardSampler shard of a filled cache, in order: what a train=False
         loader over the set gives k-NN, without reading an image."""
         rows = list(range(dist.rank(), self.capacity, dist.world_size()))
         for start in range(0, len(rows), batch_size):
             yield self._cached(torch.tensor(rows[start:start + batch_size]))
 
-    def loader(self, train_loader):
+    def loader(self, train_loader: Iterable) -> "CachedLoader":
         """`train_loader`'s batches, read from the filled cache (see CachedLoader)."""
         if not self.complete:
             raise RuntimeError("fill the token cache before reading batches from it")
@@ -475,7 +480,7 @@ class CachedLoader:
     def __init__(self, cache, loader):
         self.cache, self.loader = cache, loader
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch: int) -> None:
         self.loader.set_epoch(epoch)
 
     def __len__(self):
@@ -491,12 +496,12 @@ def _first(tensor, n):
     return None if tensor is None else tensor[:n]
 
 
-def cached_tokens(batch):
+def cached_tokens(batch: TokenBatch) -> TokenBatch:
     """The tokens_fn of a CachedLoader's batches: they are TokenBatches already."""
     return batch
 
 
-def tokens_or_cached(tokens_fn):
+def tokens_or_cached(tokens_fn: Callable[..., TokenBatch]) -> Callable[..., TokenBatch]:
     """A tokens_fn for batches that are images (encoded by `tokens_fn`) or cached TokenBatches (passed on)."""
     return lambda images: images if isinstance(images, TokenBatch) else tokens_fn(images)
 
@@ -520,7 +525,8 @@ def _fresh_batches(tokens_fn, loader):
 
 
 @torch.no_grad()
-def evaluate(tokens_fn, probes, loader, *, device, amp="none", desc="eval", cache=None):
+def evaluate(tokens_fn: Optional[Callable[..., TokenBatch]], probes: nn.Module, loader: Iterable, *,
+             device: Union[str, torch.device], amp: str = "none", cache: Optional[TokenCache] = None) -> dict:
     """Top-1/top-5 accuracy and loss of every probe on `loader` (tokens from `cache` when one is given).
 
     Under DDP each process sees its own shard (no padding duplicates); the sums are added over processes.
@@ -529,7 +535,7 @@ def evaluate(tokens_fn, probes, loader, *, device, amp="none", desc="eval", cach
     inner = probes.module if hasattr(probes, "module") else probes
     meters = ProbeMeters(inner.names, device)
     batches = cache.batches(tokens_fn, loader) if cache is not None else _fresh_batches(tokens_fn, loader)
-    for batch, targets in tqdm(batches, total=len(loader), desc=desc, disable=not dist.is_main(),
+    for batch, targets in tqdm(batches, total=len(loader), desc="eval", disable=not dist.is_main(),
                                dynamic_ncols=True, leave=False, mininterval=1.0):
         targets = targets.to(device, non_blocking=True)
         with autocast(device, amp):

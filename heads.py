@@ -7,9 +7,10 @@ aggregation that weights patches keeps its weights of the last forward in `atten
 for several queries) over the N patch tokens in row-major grid order, so `map.reshape(B, *grid)` is an image.
 The learned poolers themselves live in `poolers.py`; here they get their tokens and their row in `HEADS`.
 """
+import argparse
 import dataclasses
 from dataclasses import dataclass, field, fields
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -76,11 +77,11 @@ class HeadOptions:
                                       "or mae (trunc-normal std 0.01, zero bias, as MAE's linprobe)", HEAD_INITS)
 
     @classmethod
-    def from_args(cls, args) -> "HeadOptions":
+    def from_args(cls, args: argparse.Namespace) -> "HeadOptions":
         return cls(**{f.name: getattr(args, f.name, f.default) for f in fields(cls)})
 
     @classmethod
-    def add_arguments(cls, parser) -> None:
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         for f in fields(cls):
             parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, **f.metadata)
 
@@ -120,17 +121,17 @@ class Aggregation(nn.Module):
 
 
 class ClsToken(Aggregation):
-    def forward(self, batch):
+    def forward(self, batch: TokenBatch) -> torch.Tensor:
         return batch.tokens[:, 0]
 
 
 class MeanPatches(Aggregation):
-    def forward(self, batch):
+    def forward(self, batch: TokenBatch) -> torch.Tensor:
         return batch.patches.mean(1)
 
 
 class ClsAndMean(Aggregation):
-    def forward(self, batch):
+    def forward(self, batch: TokenBatch) -> torch.Tensor:
         return torch.cat([batch.tokens[:, 0], batch.patches.mean(1)], dim=1)
 
 
@@ -144,34 +145,34 @@ class WeightedPatches(Aggregation):
         super().__init__(dim)
         self.k = k
 
-    def forward(self, batch):
+    def forward(self, batch: TokenBatch) -> torch.Tensor:
         weights = self.weights(batch)
         self.attention_map = weights.detach()
         return _weighted_sum(weights, batch.patches)
 
 
 class CentreCrop(WeightedPatches):
-    def weights(self, batch):
+    def weights(self, batch: TokenBatch) -> torch.Tensor:
         weights = batch.tokens.new_zeros(batch.tokens.shape[0], batch.patches.shape[1], dtype=torch.float32)
         weights[:, centre_indices(batch.grid, self.k).to(weights.device)] = 1.0 / self.k ** 2
         return weights
 
 
 class CentreAttention(WeightedPatches):
-    def weights(self, batch):
+    def weights(self, batch: TokenBatch) -> torch.Tensor:
         attn = _last_block_attention(batch, f"ca{self.k}").mean(1)  # [B, T, T]
         queries = batch.num_prefix + centre_indices(batch.grid, self.k).to(attn.device)
         return _renormalise(attn[:, queries, batch.num_prefix:].mean(1))
 
 
 class ClsAttentionMean(WeightedPatches):
-    def weights(self, batch):
+    def weights(self, batch: TokenBatch) -> torch.Tensor:
         attn = _last_block_attention(batch, "attn-mn")
         return _renormalise(attn[:, :, 0, batch.num_prefix:].mean(1))
 
 
 class ClsAttentionLowestEntropy(WeightedPatches):
-    def weights(self, batch):
+    def weights(self, batch: TokenBatch) -> torch.Tensor:
         per_head = _renormalise(_last_block_attention(batch, "attn-lcte")[:, :, 0, batch.num_prefix:])  # [B, H, N]
         entropy = -(per_head * per_head.clamp_min(1e-12).log()).sum(-1)
         sharpest = entropy.argmin(dim=1)
@@ -179,7 +180,7 @@ class ClsAttentionLowestEntropy(WeightedPatches):
 
 
 class OracleAttention(WeightedPatches):
-    def weights(self, batch):
+    def weights(self, batch: TokenBatch) -> torch.Tensor:
         if batch.oracle_attn is None:
             raise RuntimeError("head oracle reads TokenBatch.oracle_attn but it is None (run an oracle encoder)")
         if batch.oracle_attn.shape[1] != batch.patches.shape[1]:
@@ -194,7 +195,7 @@ class AbMILPHead(Aggregation):
         self.abmilp = AbMILP(dim, grid, num_prefix, act=options.abmilp_act, sa=options.abmilp_sa,
                              depth=options.abmilp_depth, cond=options.abmilp_cond, content=options.abmilp_content)
 
-    def forward(self, batch):
+    def forward(self, batch: TokenBatch) -> torch.Tensor:
         pooled = self.abmilp(batch.tokens)
         # Plots show the patches' share only; with content=all the prefix tokens' weight is left out.
         self.attention_map = self.abmilp.attention_map[:, -batch.patches.shape[1]:]
@@ -218,7 +219,7 @@ class TokenPooling(Aggregation):
                 state_dict[prefix + "pooler." + key[len(prefix):]] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
-    def forward(self, batch):
+    def forward(self, batch: TokenBatch) -> torch.Tensor:
         patches = batch.patches
         pooled = self.pooler(torch.cat([batch.tokens[:, :1], patches], 1) if self.with_cls else patches)
         weights = self.pooler.attention_map
@@ -235,7 +236,7 @@ class DinoV2LinearInput(Aggregation):
         super().__init__(dim * (n_blocks + avgpool))
         self.n_blocks, self.avgpool = n_blocks, avgpool
 
-    def forward(self, batch):
+    def forward(self, batch: TokenBatch) -> torch.Tensor:
         have = 0 if batch.block_cls is None else batch.block_cls.shape[1]
         if have < self.n_blocks:
             raise ValueError(f"DINOv2's linear input reads the [cls] of the last {self.n_blocks} blocks but the "
@@ -250,8 +251,6 @@ class DinoV2LinearInput(Aggregation):
 class HeadSpec:
     name: str
     builder: Callable[[int, Tuple[int, int], int, HeadOptions], Aggregation]  # (dim, grid, num_prefix, options)
-    reads: str
-    description: str
     learned: bool = False
     needs_attention: bool = False
     needs_cls: bool = False
@@ -269,30 +268,18 @@ def _crop_builder(cls, k):
     return build
 
 
-_SPECS = [
-    HeadSpec("cls", lambda d, g, p, o: ClsToken(d), "[cls]", "the [cls] token", needs_cls=True),
-    HeadSpec("pos", lambda d, g, p, o: MeanPatches(d), "patch tokens", "mean of the patch tokens"),
-    HeadSpec("both", lambda d, g, p, o: ClsAndMean(2 * d), "[cls] + patch tokens",
-             "[cls] concatenated with the mean patch token (2D wide)", needs_cls=True),
-    HeadSpec("abmilp", lambda d, g, p, o: AbMILPHead(d, g, p, o), "all tokens or patch tokens (--abmilp_content)",
-             "AbMILP: an MLP scores each token, softmax-weighted sum (--abmilp_*)", learned=True),
-    *[HeadSpec(f"cp{k}", _crop_builder(CentreCrop, k), "patch tokens", f"mean of the {k}x{k} centre patches")
-      for k in range(1, 5)],
-    *[HeadSpec(f"ca{k}", _crop_builder(CentreAttention, k), "patch tokens + last-block attention",
-               f"patches weighted by the head-averaged attention of the {k}x{k} centre patches, renormalised",
-               needs_attention=True) for k in range(1, 5)],
-    HeadSpec("attn-mn", lambda d, g, p, o: ClsAttentionMean(d), "patch tokens + last-block [cls] attention",
-             "patches weighted by the [cls] attention averaged over heads, renormalised",
-             needs_attention=True, needs_cls=True),
-    HeadSpec("attn-lcte", lambda d, g, p, o: ClsAttentionLowestEntropy(d), "patch tokens + last-block [cls] attention",
-             "patches weighted by the [cls] attention of the head with the lowest entropy, renormalised",
-             needs_attention=True, needs_cls=True),
-    HeadSpec("oracle", lambda d, g, p, o: OracleAttention(d), "patch tokens + --oracle's [cls] attention",
-             "patches weighted by a second encoder's last-block [cls] attention (mean over heads), renormalised",
-             needs_oracle=True),
+_SPECS = [  # what each reads and does: README's head table
+    HeadSpec("cls", lambda d, g, p, o: ClsToken(d), needs_cls=True),
+    HeadSpec("pos", lambda d, g, p, o: MeanPatches(d)),
+    HeadSpec("both", lambda d, g, p, o: ClsAndMean(2 * d), needs_cls=True),
+    HeadSpec("abmilp", lambda d, g, p, o: AbMILPHead(d, g, p, o), learned=True),
+    *[HeadSpec(f"cp{k}", _crop_builder(CentreCrop, k)) for k in range(1, 5)],
+    *[HeadSpec(f"ca{k}", _crop_builder(CentreAttention, k), needs_attention=True) for k in range(1, 5)],
+    HeadSpec("attn-mn", lambda d, g, p, o: ClsAttentionMean(d), needs_attention=True, needs_cls=True),
+    HeadSpec("attn-lcte", lambda d, g, p, o: ClsAttentionLowestEntropy(d), needs_attention=True, needs_cls=True),
+    HeadSpec("oracle", lambda d, g, p, o: OracleAttention(d), needs_oracle=True),
     *[HeadSpec(f"dinov2_n{n}{'_avgpool' * avg}", lambda d, g, p, o, n=n, avg=avg: DinoV2LinearInput(d, n, avg),
-               f"[cls] of the last {n} block{'s' * (n > 1)}{' + mean patch token' * avg}, after the final norm",
-               f"DINOv2's linear-probe input: n_last_blocks {n}, avgpool {avg}", needs_cls=True, needs_blocks=n)
+               needs_cls=True, needs_blocks=n)
       for n in (1, 4) for avg in (False, True)],
 ]
 
@@ -302,58 +289,50 @@ def _heads(count: Callable[[HeadOptions], int], flag: str = ""):
     return lambda options: (count(options), f"{flag} {count(options)}" if flag else f"its {count(options)} heads")
 
 
-# The learned poolers (poolers.py): name, builder (dim, grid, options) -> Pooler, description, width divisor, and
+# The learned poolers (poolers.py): name, builder (dim, grid, options) -> Pooler, width divisor, and
 # whether the peer's `_all` variant (over [cls] and the patches) exists: not where tokens sit on the patch grid.
 _POOLERS = [
+    # efficient probing: --ep_queries learnable queries, no q/k projections, value split across queries
     ("ep", lambda d, g, o: poolers.EfficientProbing(d, o.ep_queries, o.ep_d_out),
-     "efficient probing: --ep_queries learnable queries, no q/k projections, value split across queries",
      lambda o: (o.ep_queries * o.ep_d_out,
                 f"--ep_queries {o.ep_queries} x --ep_d_out {o.ep_d_out} = {o.ep_queries * o.ep_d_out}"), True),
-    ("simpool", lambda d, g, o: poolers.SimPool(d),
-     "SimPool: mean token as query, one-head attention over LayerNorm-ed tokens", None, True),
+    # SimPool: mean token as query, one-head attention over LayerNorm-ed tokens
+    ("simpool", lambda d, g, o: poolers.SimPool(d), None, True),
+    # timm AttentionPoolLatent (pre-logits): one latent query, --map_heads heads
     ("map", lambda d, g, o: poolers.LatentAttentionPool(d, o.map_heads),
-     "timm AttentionPoolLatent (pre-logits): one latent query, --map_heads heads",
      _heads(lambda o: o.map_heads, "--map_heads"), True),
+    # SimPool without linears: LayerNorm-ed mean query and keys, raw values, --esimpool_heads heads
     ("esimpool", lambda d, g, o: poolers.ESimPool(d, o.esimpool_heads),
-     "SimPool without linears: LayerNorm-ed mean query and keys, raw values, --esimpool_heads heads",
      _heads(lambda o: o.esimpool_heads, "--esimpool_heads"), True),
-    ("clip", lambda d, g, o: poolers.ClipAttentionPool(d, g),
-     "CLIP's attention pool: LayerNorm, then timm AttentionPool2d (mean query, position embedding, 4 heads)",
-     _heads(lambda o: 4), False),
+    # CLIP's attention pool: LayerNorm, then timm AttentionPool2d (mean query, position embedding, 4 heads)
+    ("clip", lambda d, g, o: poolers.ClipAttentionPool(d, g), _heads(lambda o: 4), False),
+    # SigLIP's head: timm AttentionPoolLatent with its projection and MLP, --map_heads heads
     ("siglip", lambda d, g, o: poolers.LatentAttentionPool(d, o.map_heads, full=True),
-     "SigLIP's head: timm AttentionPoolLatent with its projection and MLP, --map_heads heads",
      _heads(lambda o: o.map_heads, "--map_heads"), True),
-    ("aim", lambda d, g, o: poolers.AimPool(d, o.aim_heads),
-     "AIM: BatchNorm-ed tokens, a learned query over key/value projections, --aim_heads heads",
-     _heads(lambda o: o.aim_heads, "--aim_heads"), True),
-    ("cbam", lambda d, g, o: poolers.CbamPool(d, g),
-     "CBAM (timm CbamModule) on the patch grid, residual, ReLU, mean", None, False),
-    ("coca", lambda d, g, o: poolers.CocaPool(d),
-     "CoCa's attentional pooler: one learned query, 8 heads of 64, shared key and value", None, True),
-    ("cait", lambda d, g, o: poolers.CaitPool(d),
-     "CaiT's class attention: a learned [cls] through one class-attention block (4 heads), LayerNorm",
-     _heads(lambda o: 4), True),
-    ("dinovit", lambda d, g, o: poolers.DinoViTPool(d),
-     "one more DINOv2 transformer block (8 heads) over the tokens, then their mean",
-     _heads(lambda o: 8), True),
-    ("jepa", lambda d, g, o: poolers.JepaPool(d, o.jepa_heads),
-     "I-JEPA's attentive pooler: a learned query cross-attends (--jepa_heads heads), residual MLP",
-     _heads(lambda o: o.jepa_heads, "--jepa_heads"), True),
-    ("dolg", lambda d, g, o: poolers.DolgPool(d),
-     "DOLG's spatial attention: per-token softplus score times the L2-normalised BatchNorm-ed projection, mean",
-     None, True),
-    ("cae", lambda d, g, o: poolers.CaePool(d),
-     "CAE's attentive block: a learned query cross-attends (8 heads) over LayerNorm-ed keys and values",
-     _heads(lambda o: 8), True),
+    # AIM: BatchNorm-ed tokens, a learned query over key/value projections, --aim_heads heads
+    ("aim", lambda d, g, o: poolers.AimPool(d, o.aim_heads), _heads(lambda o: o.aim_heads, "--aim_heads"), True),
+    # CBAM (timm CbamModule) on the patch grid, residual, ReLU, mean
+    ("cbam", lambda d, g, o: poolers.CbamPool(d, g), None, False),
+    # CoCa's attentional pooler: one learned query, 8 heads of 64, shared key and value
+    ("coca", lambda d, g, o: poolers.CocaPool(d), None, True),
+    # CaiT's class attention: a learned [cls] through one class-attention block (4 heads), LayerNorm
+    ("cait", lambda d, g, o: poolers.CaitPool(d), _heads(lambda o: 4), True),
+    # one more DINOv2 transformer block (8 heads) over the tokens, then their mean
+    ("dinovit", lambda d, g, o: poolers.DinoViTPool(d), _heads(lambda o: 8), True),
+    # I-JEPA's attentive pooler: a learned query cross-attends (--jepa_heads heads), residual MLP
+    ("jepa", lambda d, g, o: poolers.JepaPool(d, o.jepa_heads), _heads(lambda o: o.jepa_heads, "--jepa_heads"), True),
+    # DOLG's spatial attention: per-token softplus score times the L2-normalised BatchNorm-ed projection, mean
+    ("dolg", lambda d, g, o: poolers.DolgPool(d), None, True),
+    # CAE's attentive block: a learned query cross-attends (8 heads) over LayerNorm-ed keys and values
+    ("cae", lambda d, g, o: poolers.CaePool(d), _heads(lambda o: 8), True),
 ]
-for _name, _build, _description, _divisor, _has_all in _POOLERS:
-    _SPECS.append(HeadSpec(_name, lambda d, g, p, o, build=_build: TokenPooling(build(d, g, o)), "patch tokens",
-                           _description, learned=True, width_divisor=_divisor))
-for _name, _build, _description, _divisor, _has_all in _POOLERS:
+for _name, _build, _divisor, _has_all in _POOLERS:
+    _SPECS.append(HeadSpec(_name, lambda d, g, p, o, build=_build: TokenPooling(build(d, g, o)), learned=True,
+                           width_divisor=_divisor))
+for _name, _build, _divisor, _has_all in _POOLERS:
     if _has_all:
         _SPECS.append(HeadSpec(f"{_name}_all", lambda d, g, p, o, build=_build: TokenPooling(build(d, g, o), True),
-                               "[cls] + patch tokens", f"{_name} over [cls] and the patch tokens", learned=True,
-                               needs_cls=True, width_divisor=_divisor))
+                               learned=True, needs_cls=True, width_divisor=_divisor))
 HEADS = {spec.name: spec for spec in _SPECS}
 
 # The peer's names that mean something else here, with what to pass instead.
@@ -412,32 +391,24 @@ class Probe(nn.Module):
         return self.aggregation.attention_map
 
 
+class NoClsToken(ValueError):
+    """Heads that read the [cls] token were asked of an encoder without one."""
+
+
+def require_cls_token(names: Sequence[str], has_cls: bool, encoder: str = "the encoder") -> None:
+    """NoClsToken naming the heads of `names` that read [cls], when `encoder` (a phrase for the message) has none."""
+    readers = [n for n in names if resolve_head(n).needs_cls]
+    if readers and not has_cls:
+        raise NoClsToken(f"--cls_features {','.join(readers)} reads [cls] but {encoder} has none")
+
+
 def build_probe(name: str, embed_dim: int, num_classes: int, grid: Tuple[int, int], num_prefix: int,
                 options: Optional[HeadOptions] = None, has_cls: Optional[bool] = None) -> Probe:
     """`num_prefix`: tokens before the patches ([cls] and registers); `has_cls`: whether token 0 is [cls]
     (default: num_prefix > 0; an encoder with registers but no [cls] must say False)."""
     spec = resolve_head(name)
     has_cls = num_prefix > 0 if has_cls is None else has_cls
-    if spec.needs_cls and not has_cls:
-        raise ValueError(f"head {spec.name} reads the [cls] token but the encoder has none")
+    require_cls_token([spec.name], has_cls)
     options = options or HeadOptions()
     aggregation = spec.builder(embed_dim, tuple(grid), num_prefix, options)
     return Probe(aggregation, num_classes, head_name=spec.name, init=options.head_init)
-
-
-class HeadRow(NamedTuple):
-    name: str
-    reads: str
-    learned: bool
-    n_params: int  # trainable parameters of the aggregation alone (BatchNorm and Linear excluded)
-
-
-def describe_heads(embed_dim: int = 768, grid: Tuple[int, int] = (14, 14), num_classes: int = 1000,
-                   options: Optional[HeadOptions] = None) -> list:
-    """One row per --cls_features value (default: ViT-B/16 at 224 and default options), for the README table."""
-    rows = []
-    for name, spec in HEADS.items():
-        probe = build_probe(name, embed_dim, num_classes, grid, num_prefix=1, options=options)
-        n_params = sum(p.numel() for p in probe.aggregation.parameters() if p.requires_grad)
-        rows.append(HeadRow(name, spec.reads, spec.learned, n_params))
-    return rows

@@ -21,12 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models_vit import build_encoder, capture_attention
-from util import plots
-from util.amp import autocast
-from util.attention_metrics import AttentionStatsAccumulator, metric_names
-from util.checkpoint import write_json_atomic
-from util.cli import (
+from cli import (
     ENCODER_REMEDIES,
     add_encoder_arguments,
     add_logging_arguments,
@@ -34,10 +29,17 @@ from util.cli import (
     bad_images_reported,
     take_output_dir,
 )
-from util.cli import run as run_cli
-from util.config import resolve_stats
-from util.data import BadImageError, build_image_set, build_loader, data_source
+from cli import run as run_cli
+from config import resolve_stats
+from models_vit import build_encoder, capture_attention
+from util import plots
+from util.amp import autocast
+from util.attention_metrics import AttentionStatsAccumulator, fourier_grid_problem, metric_names
+from util.checkpoint import write_json_atomic
+from util.data import build_image_set, build_loader, data_source
+from util.dist import is_cuda
 from util.errors import UserError, user_errors
+from util.images import BadImageError
 from util.run_state import file_sha256
 
 CSV_NAME, JSON_NAME = "attention_stats.csv", "attention_stats.json"
@@ -255,7 +257,7 @@ def attention_stats(config, output_dir):
         encoder = build_encoder(config.encoder.model, config.encoder.finetune,
                                 **config.encoder.build_kwargs()).to(config.device)
     loader = build_loader(dataset, config.batch_size, train=False, num_workers=config.num_workers,
-                          pin_mem=config.device.startswith("cuda"))
+                          pin_mem=is_cuda(config.device))
     embeddings = EmbeddingSamples(config.seed) if config.draw_2d_embeddings else None
 
     start = time.time()
@@ -268,7 +270,9 @@ def attention_stats(config, output_dir):
 
     remove_stale_outputs(output_dir, MEASURE)  # only now: a failed run leaves the earlier results in place
     has_cls = bool(encoder.has_class_token)
-    metrics = metric_names(has_cls)
+    metrics = metric_names(has_cls, encoder.grid_size)
+    if fourier_grid_problem(encoder.grid_size):
+        print(f"note: no fourier_delta_log_amplitude: {fourier_grid_problem(encoder.grid_size)}", file=sys.stderr)
     enc = config.encoder
     metadata = dict(model=enc.model, checkpoint=enc.finetune or "random init", simmim=enc.simmim,
                     checkpoint_key=enc.checkpoint_key, data_path=config.data_path, images=stats.images,

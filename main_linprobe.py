@@ -17,11 +17,7 @@ from pathlib import Path
 import torch
 
 import engine_linprobe as engine
-from heads import HEADS, HeadOptions
-from models_vit import NonFiniteWeights, build_encoder
-from util import dist
-from util.checkpoint import UnsafeCheckpoint
-from util.cli import (
+from cli import (
     ENCODER_REMEDIES,
     SAVE_REMEDIES,
     TRUST_REMEDY,
@@ -31,11 +27,14 @@ from util.cli import (
     bad_images_reported,
     take_output_dir,
 )
-from util.cli import run as run_cli
-from util.config import resolve_linprobe
+from cli import run as run_cli
+from config import CLS_REMEDY, resolve_linprobe
+from heads import HEADS, HeadOptions, NoClsToken, require_cls_token
+from models_vit import build_encoder
+from util import dist
+from util.checkpoint import UnsafeCheckpoint
 from util.data import (
     TORCHVISION_SETS,
-    BadImageError,
     DatasetMissing,
     DatasetNotDownloadable,
     build_dataset,
@@ -44,7 +43,9 @@ from util.data import (
 )
 from util.decode import DECODERS, collate_fn
 from util.errors import UserError, user_errors
+from util.images import BadImageError
 from util.knn import knn_rows
+from util.release_layouts import NonFiniteWeights
 from util.run_log import RunLog
 from util.run_state import (
     BEST,
@@ -203,11 +204,9 @@ def _run_locked(config, device):
     with user_errors(ENCODER_REMEDIES):
         encoder = build_encoder(config.encoder.model, config.encoder.finetune, verbose=dist.is_main(),
                                 **config.encoder.build_kwargs()).to(device)
-    needs_cls = [h for h in config.heads if HEADS[h].needs_cls]
-    if needs_cls and not encoder.has_class_token:
-        raise UserError(f"--cls_features {','.join(needs_cls)} reads [cls] but the encoder of "
-                        f"{config.encoder.finetune or config.encoder.model} has none (use pos, abmilp or another "
-                        "patch-token head)")
+    with user_errors({NoClsToken: CLS_REMEDY}):
+        require_cls_token(config.heads, encoder.has_class_token,
+                          f"the encoder of {config.encoder.finetune or config.encoder.model}")
     oracle = None
     if config.oracle is not None:
         with user_errors(ORACLE_REMEDIES):
@@ -433,7 +432,7 @@ def _train_epoch(config, tokens_fn, model, loader, optimizer, scaler, epoch, dev
 
 def _resume(config, state, probe_set, optimizer, scaler):
     explicit = bool(config.resume)
-    path = config.resume or state.auto_resume_path()
+    path = state.resume_path(config.resume)
     if not path:
         return
     remedy = (f"pass another --output_dir, or --resume {path} to continue it with this run's settings"
@@ -451,7 +450,7 @@ def _resume(config, state, probe_set, optimizer, scaler):
 
 
 def _evaluate_saved_heads(config, state, tokens_fn, probe_set, dataset_val, device, distributed):
-    path = config.resume or state.auto_resume_path()
+    path = state.resume_path(config.resume)
     if not path:
         raise UserError(f"--eval needs trained heads: no --resume given and no {LAST} in {config.output_dir} "
                         f"(pass --resume OUTPUT_DIR/{BEST})")
@@ -482,10 +481,10 @@ EVAL_FLAGS = {"encoder": "--finetune", "checkpoint_key": "--checkpoint_key", "in
 
 
 def _wrap_for_ddp(probe_set, device):
-    if device.startswith("cuda"):  # NCCL: torch's own SyncBatchNorm for the global-batch statistics
+    if dist.is_cuda(device):  # NCCL: torch's own SyncBatchNorm for the global-batch statistics
         probe_set = torch.nn.SyncBatchNorm.convert_sync_batchnorm(probe_set)
     return torch.nn.parallel.DistributedDataParallel(probe_set,
-                                                     device_ids=[device] if device.startswith("cuda") else None)
+                                                     device_ids=[device] if dist.is_cuda(device) else None)
 
 
 def _knn(config, encoder, nb_classes, device, dataset_train, dataset_val, caches=(None, None)):

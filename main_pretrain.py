@@ -23,9 +23,7 @@ from torchvision import transforms
 
 import engine_pretrain as engine
 import pretrain_models
-from models_vit import NOT_ENCODER, architecture
-from util.checkpoint import load_checkpoint, save_atomic
-from util.cli import (
+from cli import (
     SAVE_REMEDIES,
     add_logging_arguments,
     add_model_arguments,
@@ -33,10 +31,15 @@ from util.cli import (
     bad_images_reported,
     take_output_dir,
 )
-from util.cli import run as run_cli
-from util.config import PRETRAIN_RECIPES, resolve_export, resolve_pretrain
-from util.data import BICUBIC, BadImageError, build_dataset, build_loader, normalize
+from cli import run as run_cli
+from config import PRETRAIN_RECIPES, resolve_export, resolve_pretrain
+from models_vit import architecture
+from util.checkpoint import load_checkpoint, save_atomic
+from util.data import build_dataset, build_loader
+from util.dist import is_cuda
 from util.errors import UserError, user_errors
+from util.images import BICUBIC, BadImageError, normalize
+from util.release_layouts import NOT_ENCODER
 from util.run_log import RunLog
 from util.run_state import LAST, LOG, IdentityMismatch, first_difference, pretrain_identity, truncate_log
 
@@ -275,7 +278,7 @@ def pretrain(config):
                                        betas=config.betas)
     dataset = build_train_set(config)
     loader = build_loader(dataset, config.batch_size, train=True, num_workers=config.num_workers,
-                          pin_mem=config.device.startswith("cuda"), seed=config.seed)
+                          pin_mem=is_cuda(config.device), seed=config.seed)
     identity = pretrain_identity(config)
     last = os.path.join(config.output_dir, LAST)
     resume = config.resume or (last if os.path.exists(last) else "")

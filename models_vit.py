@@ -13,24 +13,22 @@ MAE's official linear probe takes them after it: pass final_norm=True for that.
 
 Library code: problems are ValueError / FileNotFoundError with plain messages; the entry points add what to do.
 """
-import math
 import os
-import re
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache, partial
+from typing import Iterable, Iterator, Optional, TypedDict, Union, Unpack
 
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import GluMlp, RmsNorm, SwiGLUPacked, apply_rot_embed_cat, resample_abs_pos_embed
+from timm.layers import GluMlp, RmsNorm, SwiGLUPacked, apply_rot_embed_cat
 from timm.layers.attention import Attention as ViTAttention
 from timm.layers.attention import AttentionRope
 from timm.models import beit as timm_beit
 from timm.models import eva as timm_eva
 from timm.models import hiera as timm_hiera
 from timm.models import is_model_pretrained
-from timm.models import naflexvit as timm_naflexvit
 from timm.models import vision_transformer as timm_vit
 from timm.models.beit import Beit
 from timm.models.eva import Eva
@@ -40,7 +38,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from util import release_layouts
-from util.checkpoint import NonFiniteWeights, UnsafeCheckpoint, load_checkpoint  # noqa: F401 (callers catch it from here)
+from util.checkpoint import CHECKPOINT_SUFFIXES
 
 # Presets: sizes only; the rest of the architecture (cls, registers, layer scale, position embedding, relative
 # position bias) is read from the checkpoint. Any timm ViT/BEiT architecture name is accepted as well.
@@ -56,9 +54,15 @@ MODELS = {
     "vit_mini_patch8": dict(patch_size=8, embed_dim=64, depth=4, num_heads=2),  # 64 px digits_clutter (issue 14)
 }
 MAE_DEFAULTS = dict(mlp_ratio=4.0, qkv_bias=True)
-# Parts of a release's model that are not its encoder (decoders, projection/prediction heads, mask tokens).
-NOT_ENCODER = ("decoder", "mask_token", "head.", "fc_norm.", "lm_head.", "cls_pt_", "masked_embed", "pre_logits.",
-               "attn_pool.")
+
+
+class SizeOverrides(TypedDict, total=False):
+    """Sizes that override a model's (tests build tiny encoders with them)."""
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
 
 
 # ---------------------------------------------------------------- encoders
@@ -251,7 +255,7 @@ def _hiera_layout(net, name):
 
 # ---------------------------------------------------------------- architectures
 
-def architecture(model, **arch):
+def architecture(model: str, **arch: Unpack[SizeOverrides]) -> dict:
     """The architecture a model name stands for, without reading weights or downloading.
 
     A dict: patch_size, embed_dim, depth, num_heads, mlp_ratio (of the last block: Hiera's stages differ),
@@ -319,8 +323,9 @@ def _structure(found, model):
                              "and this checkpoint has none")
         if preset:
             has_position = "pos_embed" in state or any(k.endswith("relative_position_bias_table") for k in state)
-            _require(found, model, [f"blocks.{i}.attn.{b}_bias" for i in _block_indices(state) for b in "qv"]
-                     + ([] if has_position else ["pos_embed or a relative_position_bias_table"]))
+            release_layouts.require_keys(
+                found, model, [f"blocks.{i}.attn.{b}_bias" for i in release_layouts.block_indices(state) for b in "qv"]
+                + ([] if has_position else ["pos_embed or a relative_position_bias_table"]))
         return "beit", dict(qkv_bias="blocks.0.attn.q_bias" in state,
                             init_values=1.0 if "blocks.0.gamma_1" in state else None,
                             use_abs_pos_emb="pos_embed" in state,
@@ -328,9 +333,11 @@ def _structure(found, model):
                             use_shared_rel_pos_bias="rel_pos_bias.relative_position_bias_table" in state,
                             use_fc_norm=False)
     if preset:
-        _require(found, model, ["pos_embed"] + [f"blocks.{i}.attn.qkv.bias" for i in _block_indices(state)])
+        release_layouts.require_keys(
+            found, model, ["pos_embed"] + [f"blocks.{i}.attn.qkv.bias" for i in release_layouts.block_indices(state)])
     layer_scale = "blocks.0.ls1.gamma" in state or "blocks.0.gamma_1" in state
-    structure = dict(class_token=cls, reg_tokens=regs, no_embed_class=_no_embed_class(state, cls + regs),
+    structure = dict(class_token=cls, reg_tokens=regs,
+                     no_embed_class=release_layouts.no_embed_class(state, cls + regs),
                      init_values=1.0 if layer_scale else None, qkv_bias=True, pos_embed="learn",
                      pre_norm="norm_pre.weight" in state)
     if "blocks.0.mlp.w12.weight" in state:  # DINOv2's fused SwiGLU (ViT-g, Franca): timm's packed GluMlp
@@ -338,21 +345,6 @@ def _structure(found, model):
         hidden = (int(dim * ratio * 2 / 3) + 7) // 8 * 8  # DINOv2 layers/swiglu_ffn.py SwiGLUFFNFused
         structure.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, mlp_ratio=2 * hidden / dim)
     return "vit", structure
-
-
-def _block_indices(state):
-    """The block indices a checkpoint holds (a depth that differs from the model's is a misfit, named later)."""
-    return sorted({int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()})
-
-
-def _require(found, model, keys):
-    """MissingKeys naming the keys of `keys` that the checkpoint lacks."""
-    missing = [k for k in keys if " or " in k or k not in found.state]
-    if missing:
-        raise release_layouts.MissingKeys(
-            f"{found.description} lacks keys the {model} preset requires: {_clip(missing)} (the preset is a ViT "
-            "with a learned position embedding and qkv biases, as every release it reads; a checkpoint without "
-            "them is another architecture)")
 
 
 def _suggest_eva(found):
@@ -367,54 +359,11 @@ def _suggest_eva(found):
     return " or ".join(fits[:4]) if fits else f"a timm name matching {pattern}"
 
 
-def _no_embed_class(state, prefix):
-    """Whether the position embedding leaves the prefix tokens out (timm's no_embed_class)."""
-    if "register_tokens" in state:
-        return True  # timm's DINOv2 converter folds [cls]'s position into cls_token; registers never had one
-    if prefix == 0 or "pos_embed" not in state:
-        return False
-    return _is_square(state["pos_embed"].shape[1])  # only patches: a square count
-
-
-def _is_square(n):
-    return n > 0 and math.isqrt(n) ** 2 == n
-
-
-def _pos_grid(state):
-    """Side of the square patch grid the checkpoint's position embedding covers, or None."""
-    if "pos_embed" not in state:
-        return None
-    tokens = state["pos_embed"].shape[1]
-    regs = state.get("reg_token", torch.empty(1, 0)).shape[1]
-    # fewest prefix entries first: real grids are never ambiguous, tiny ones favour the larger grid
-    for prefix in 0, int("cls_token" in state), ("cls_token" in state) + regs:
-        if _is_square(tokens - prefix):
-            return math.isqrt(tokens - prefix)
-    return None
-
-
-def _guess(state):
-    """What the checkpoint looks like, for error messages."""
-    patch = next((state[k] for k in PATCH_KEYS if k in state), None)
-    blocks = re.compile(r"^(?:encoder\.)?(?:blocks|transformer\.resblocks)\.(\d+)\.")
-    depth = len({m.group(1) for m in map(blocks.match, state) if m})
-    words = [f"embed_dim {patch.shape[0]}, patch {patch.shape[-1]}" if patch is not None else "no patch embedding",
-             f"depth {depth}", "[cls]" if any(k in state for k in CLS_KEYS) else "no [cls]"]
-    registers = next((state[k] for k in REGISTER_KEYS if k in state), None)
-    if registers is not None:
-        words.append(f"{registers.shape[1]} registers")
-    if release_layouts.beit_style(state):
-        words.append("BEiT-style attention")
-    grid = _pos_grid(state)
-    if grid:
-        words.append(f"position grid {grid}x{grid}")
-    return ", ".join(words)
-
-
 # ---------------------------------------------------------------- loading
 
-def build_encoder(model, finetune="", *, checkpoint_key=None, input_size=224, no_cls_token=False,
-                  final_norm=False, simmim=False, trust_checkpoint=False, verbose=True, **arch):
+def build_encoder(model: str, finetune: str = "", *, checkpoint_key: Optional[str] = None, input_size: int = 224,
+                  no_cls_token: bool = False, final_norm: bool = False, simmim: bool = False,
+                  trust_checkpoint: bool = False, verbose: bool = True, **arch: Unpack[SizeOverrides]) -> nn.Module:
     """Frozen encoder (eval, requires_grad False) from a checkpoint file of any release, a timm name or nothing.
 
     `model`: a MODELS preset or a timm ViT/BEiT architecture name (architecture only; no weights are fetched
@@ -443,7 +392,7 @@ def build_encoder(model, finetune="", *, checkpoint_key=None, input_size=224, no
 
 
 def _looks_like_path(name):
-    return os.sep in name or name.endswith((".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar"))
+    return os.sep in name or name.endswith(CHECKPOINT_SUFFIXES)
 
 
 def _check_input_size(input_size, patch):
@@ -495,7 +444,7 @@ def _random_encoder(model, spec, arch, input_size, no_cls_token, final_norm):
 
 
 def _load_file(model, arch, path, checkpoint_key, input_size, no_cls_token, final_norm, simmim, trust):
-    found = release_layouts.find_encoder(_read(path, trust), path, checkpoint_key)
+    found = release_layouts.find_encoder(release_layouts.read_checkpoint(path, trust), path, checkpoint_key)
     if simmim and found.layout not in ("SimMIM", "BEiT/BEiT-v2"):
         raise ValueError(f"{found.description} is not a SimMIM/BEiT checkpoint (SimMIM files are recognised "
                          "without being named)")
@@ -506,24 +455,11 @@ def _load_file(model, arch, path, checkpoint_key, input_size, no_cls_token, fina
         side = input_size // architecture(model, **arch)["patch_size"]  # timm rescales them to ref_feat_shape
         arch = {**arch, "ref_feat_shape": (side, side)}
     encoder = _new_encoder(model, arch, input_size, family, structure, final_norm)
-    notes = _load_state(encoder, found, model)
+    notes = release_layouts.load_state(encoder, found, model)
     norm = "after" if final_norm else "before"
     summary = (f"loaded {found.description}: {len(found.state)} tensors into {model}, {input_size}px, "
                f"grid {encoder.grid_size}, {_prefix_words(encoder)}{notes}; tokens {norm} the final norm")
     return encoder, summary
-
-
-def _read(path, trust=False):
-    """load_checkpoint, with a truncated file or a pickled list/tensor/array named for what it is."""
-    try:
-        return load_checkpoint(path, trust=trust)
-    except UnsafeCheckpoint:
-        raise  # what it asked to run is the news, whatever else the file holds
-    except ValueError as err:
-        better = release_layouts.classify_unreadable(path) if os.path.isfile(path) else None
-        if better is None:
-            raise
-        raise better from err
 
 
 def _prefix_words(encoder):
@@ -531,183 +467,6 @@ def _prefix_words(encoder):
     if encoder.num_reg_tokens:
         words.append(f"{encoder.num_reg_tokens} registers")
     return " + ".join(words)
-
-
-def _load_state(encoder, found, model):
-    """Convert the release's keys with timm's converter and load them strictly; returns summary notes."""
-    state, source = found.state, found.description
-    expected = encoder.state_dict()
-    misfit = partial(_misfit, source=source, model=model, original=state)
-    if _core_mismatch(state, encoder):  # caught before timm's converter would resample a wrong patch size
-        raise misfit(state, expected)
-    if found.layout == "DINOv3" and isinstance(encoder, EvaEncoder):
-        state = _dinov3_state(state, encoder, source)
-    try:
-        converted = _to_timm(state, encoder, found)
-    except (RuntimeError, ValueError, AssertionError, KeyError):  # e.g. a position embedding of no square grid
-        raise misfit(state, expected) from None
-    converted = {k: v for k, v in converted.items() if not k.startswith(NOT_ENCODER)}
-    if "norm.weight" not in converted and "norm.weight" in expected:  # SimMIM/BEiT with mean pooling: no norm
-        if encoder.final_norm:
-            raise release_layouts.NoFinalNorm(f"{source} has no final norm (norm.weight) to apply")
-        encoder.norm = nn.Identity()
-        expected = encoder.state_dict()
-    if _problems(converted, expected):
-        raise misfit(converted, expected)
-    _check_finite(converted, source)
-    encoder.load_state_dict(converted, strict=True)
-    if "rope_embed.periods" in state:  # DINOv3: see _dinov3_state
-        encoder.rope.periods.copy_(state["rope_embed.periods"].float())
-        if encoder.rope.feat_shape is not None:
-            encoder.rope._cache_embed(encoder.rope.feat_shape)  # the cached grid embedding, from those periods
-    return _resize_notes(state, converted, encoder)
-
-
-def _to_timm(state, encoder, found):
-    state = dict(state)  # timm's converters pop entries
-    if isinstance(encoder, CapiEncoder):
-        return _capi_state(state, encoder)
-    if isinstance(encoder, EvaEncoder):
-        # MIM leftovers go first: with EVA02's mask_token present timm would move the final norm to fc_norm
-        state = {k: v for k, v in state.items() if not k.startswith(NOT_ENCODER)}
-        converted = timm_eva.checkpoint_filter_fn(state, encoder)
-        pos = converted.get("pos_embed")
-        if found.layout.startswith("PE") and pos is not None and pos.shape != encoder.pos_embed.shape:
-            # timm's PE converter keeps the pretraining grid; PE resamples bilinearly without antialiasing
-            # (pe.py _sample_abs_posemb), which timm's resampler does when told so
-            converted["pos_embed"] = resample_abs_pos_embed(
-                pos, new_size=encoder.grid_size, num_prefix_tokens=encoder.num_prefix_tokens,
-                interpolation="bilinear", antialias=False)
-        return converted
-    if isinstance(encoder, HieraEncoder):
-        return timm_hiera.checkpoint_filter_fn(state, encoder)
-    if isinstance(encoder, NaFlexEncoder):
-        return timm_naflexvit.checkpoint_filter_fn(state, encoder)
-    if isinstance(encoder, BeitEncoder):
-        return timm_beit.checkpoint_filter_fn(state, encoder)
-    if found.layout in DINO_CODE and "pos_embed" in state:
-        state["pos_embed"] = _dino_resample(state["pos_embed"], encoder.grid_size)
-    return timm_vit.checkpoint_filter_fn(state, encoder, adapt_layer_scale=True)  # gamma_N -> lsN.gamma (iBOT)
-
-
-# Layouts written by DINO's code (DINO, iBOT, DINOv2, Franca), which resample their position table themselves.
-DINO_CODE = ("DINO/iBOT/DINOv2 training", "DINOv2 training (fvcore)", "DINOv2")
-
-
-def _dino_resample(pos_embed, grid):
-    """[cls] + patch table resampled as DINO/iBOT/DINOv2's `interpolate_pos_encoding` does at every forward:
-    bicubic, no antialiasing, scale factor (n + 0.1) / M. Hand-written because timm's resampler takes an output
-    size (not DINO's offset scale factor) and antialiases when shrinking: DINOv2's 37x37 table at 224 px would
-    differ by several percent of its spread."""
-    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
-    side = math.isqrt(patches.shape[1])
-    if side * side != patches.shape[1] or (side, side) == tuple(grid):
-        return pos_embed
-    table = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
-    table = F.interpolate(table, scale_factor=((grid[0] + 0.1) / side, (grid[1] + 0.1) / side), mode="bicubic",
-                          antialias=False)
-    return torch.cat([cls, table.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)], dim=1)
-
-
-def _dinov3_state(state, encoder, source):
-    """DINOv3 release keys before timm's converter. timm's `*_dinov3` names without `_qkvb` have no qkv bias (the
-    released biases are zero); its converter would drop non-zero ones silently, so they are refused here. The
-    release's rope periods are read from the file after loading: its own forward uses the stored (bf16-rounded)
-    periods, while timm recomputes exact ones."""
-    biases = [k for k in state if k.endswith("attn.qkv.bias")]
-    if biases and encoder.blocks[0].attn.q_bias is None:
-        masked = [state[k] * state.get(k.replace(".bias", ".bias_mask"), torch.ones_like(state[k])) for k in biases]
-        if any(b.abs().max() > 0 for b in masked):
-            raise ValueError(f"{source} holds non-zero qkv biases, which this timm architecture has no place for "
-                             "(use the `_qkvb` variant of the --model name)")
-        state = {k: v for k, v in state.items() if k not in biases}
-    return state
-
-
-def _capi_state(state, encoder):
-    """CAPI's encoder keys (model.py: encoder.blocks.N.residual1/2 with norm and fn) as timm Eva keys; biases
-    CAPI's code does not have are zero; per-block rope frequencies gathered into `rope_freqs`. Keys left over
-    (other than the decoder and the clustering head) make the load fail as unexpected keys."""
-    renames = [(r"^patch_embed\.(weight|bias)$", r"patch_embed.proj.\1"), (r"^registers$", "reg_token"),
-               (r"^encoder\.blocks\.(\d+)\.residual1\.norm\.", r"blocks.\1.norm1."),
-               (r"^encoder\.blocks\.(\d+)\.residual1\.fn\.(q_proj|k_proj|v_proj|proj)\.", r"blocks.\1.attn.\2."),
-               (r"^encoder\.blocks\.(\d+)\.residual2\.norm\.", r"blocks.\1.norm2."),
-               (r"^encoder\.blocks\.(\d+)\.residual2\.fn\.(fc1|fc2)\.", r"blocks.\1.mlp.\2.")]
-    out, freqs = {}, {}
-    for key, value in state.items():
-        if key.startswith(("decoder.", "mask_token", "dec_norm.")):
-            continue
-        rope = re.match(r"^encoder\.blocks\.(\d+)\.residual1\.fn\.rope\.freqs$", key)
-        if rope:
-            freqs[int(rope.group(1))] = value
-            continue
-        for pattern, target in renames:
-            if re.match(pattern, key):
-                key = re.sub(pattern, target, key)
-                break
-        out[key] = value
-    if sorted(freqs) != list(range(encoder.depth)):
-        raise KeyError("rope frequencies")
-    out["rope_freqs"] = torch.stack([freqs[i] for i in range(encoder.depth)])
-    zero_biases = [f"blocks.{i}.{m}.bias" for i in range(encoder.depth) for m in ("attn.proj", "mlp.fc1", "mlp.fc2")]
-    expected = encoder.state_dict()
-    out.update({k: torch.zeros_like(expected[k]) for k in zero_biases if k not in out})
-    return out
-
-
-PATCH_KEYS = ("patch_embed.proj.weight", "conv1.weight", "patch_embed.weight", "embeds.proj.weight")
-CLS_KEYS = ("cls_token", "class_embedding")
-REGISTER_KEYS = ("register_tokens", "reg_token", "storage_tokens", "registers")
-
-
-def _core_mismatch(state, encoder):
-    patch = next((state[k] for k in PATCH_KEYS if k in state), None)
-    own = encoder.embeds.proj.weight if isinstance(encoder, NaFlexEncoder) else encoder.patch_embed.proj.weight
-    registers = next((state[k] for k in REGISTER_KEYS if k in state), None)
-    return (patch is None or patch.shape != own.shape
-            or any(k in state for k in CLS_KEYS) != bool(encoder.has_class_token)
-            or (0 if registers is None else registers.shape[1]) != encoder.num_reg_tokens)
-
-
-def _clip(items, limit=5):
-    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
-def _problems(state, expected):
-    order = partial(sorted, key=lambda k: (k.startswith("blocks."), k))  # embeddings say most, list them first
-    ignored = lambda k: k.startswith(NOT_ENCODER) or k.endswith("relative_position_index")  # noqa: E731
-    missing = order(expected.keys() - state.keys())
-    unexpected = order(k for k in state.keys() - expected.keys() if not ignored(k))
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-                  for k in order(expected.keys() & state.keys()) if state[k].shape != expected[k].shape]
-    return [f"{label}: {_clip(keys)}" for label, keys in
-            (("missing", missing), ("unexpected", unexpected), ("shape checkpoint vs model", mismatched)) if keys]
-
-
-def _misfit(state, expected, *, source, model, original):
-    return ValueError(f"{source} looks like {_guess(original)}; it does not fit {model}: "
-                      f"{'; '.join(_problems(state, expected))}")
-
-
-def _check_finite(state, source):
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        counts = [f"{k} ({int(torch.isnan(state[k]).sum())} NaN, {int(torch.isinf(state[k]).sum())} inf)"
-                  for k in bad[:3]]
-        more = f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""
-        raise NonFiniteWeights(f"{source} holds non-finite weights: {', '.join(counts)}{more}; the run that "
-                               "saved it had diverged")
-
-
-def _resize_notes(state, converted, encoder):
-    notes = []
-    grid = _pos_grid(state)
-    if grid and (grid, grid) != encoder.grid_size:
-        notes.append(f", position embedding resampled {grid}x{grid} -> {encoder.grid_size[0]}x{encoder.grid_size[1]}")
-    tables = [k for k in state if k.endswith("relative_position_bias_table") and state[k].shape != converted[k].shape]
-    if tables:
-        notes.append(f", {len(tables)} relative position table(s) resized to the grid")
-    return "".join(notes)
 
 
 def _load_timm_pretrained(model, spec, name, input_size, no_cls_token, final_norm):
@@ -729,7 +488,7 @@ def _load_timm_pretrained(model, spec, name, input_size, no_cls_token, final_nor
         raise FileNotFoundError(f"timm model '{name}' could not be downloaded: {reason}; without internet, fill "
                                 "the Hugging Face cache or use a local checkpoint file") from None
     encoder = _as_encoder(net, name, final_norm, input_size)
-    _check_finite(encoder.state_dict(), f"timm pretrained {name}")
+    release_layouts.check_finite(encoder.state_dict(), f"timm pretrained {name}")
     norm = "after" if final_norm else "before"
     return encoder, (f"loaded timm pretrained {name}: {len(encoder.state_dict())} tensors, {input_size}px, "
                      f"grid {encoder.grid_size}, {_prefix_words(encoder)}; tokens {norm} the final norm")
@@ -760,7 +519,9 @@ def _relative_bias(attn):
     return bias.permute(2, 0, 1).unsqueeze(0)
 
 
-def attention_probabilities(attn, x, attn_mask=None, shared_rel_pos_bias=None, rope=None):
+def attention_probabilities(attn: nn.Module, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                            shared_rel_pos_bias: Optional[torch.Tensor] = None,
+                            rope: Optional[Union[torch.Tensor, tuple]] = None) -> torch.Tensor:
     """Softmax attention [B, H, T, T] that timm's ViT, Beit, Eva (EvaAttention, AttentionRope), Hiera
     (global MaskUnitAttention) or NaFlexVit attention computes for input x, with the block's rotary embedding,
     q/k norms, relative bias and mask.
@@ -824,7 +585,7 @@ def _attention_branch(block, output):
 
 
 @contextmanager
-def capture_attention(encoder, blocks=None):
+def capture_attention(encoder: nn.Module, blocks: Optional[Iterable[int]] = None) -> Iterator[AttentionCapture]:
     """Within the block, each forward fills `cap.records[i]` = {attn, resid_norm, attn_out_norm, out}.
 
     attn: [B, H, T, T] float32 probabilities over all tokens ([cls], registers, patches); resid_norm: |x| of

@@ -23,9 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine_linprobe as engine  # noqa: E402
+from config import ProbeSpec  # noqa: E402
 from heads import HEADS, HeadOptions, TokenBatch  # noqa: E402
 from models_vit import MODELS, architecture  # noqa: E402
-from util.config import ProbeSpec  # noqa: E402
+from util.dist import is_cuda  # noqa: E402
 from util.lr_sched import WarmupCosine  # noqa: E402
 
 LEARNED = ["abmilp"] + [h for h, spec in HEADS.items() if spec.learned and h != "abmilp" and not h.endswith("_all")]
@@ -61,7 +62,7 @@ def main(bench):
     tokens = TokenBatch(values.to(bench.device), num_prefix=1, grid=(side, side), has_cls=True)
     targets = torch.randint(0, bench.nb_classes, (bench.batch_size,), generator=gen).to(bench.device)
     scaler = torch.amp.GradScaler(bench.device.split(":")[0], enabled=bench.amp == "float16")
-    sync = torch.cuda.synchronize if bench.device.startswith("cuda") else (lambda: None)
+    sync = torch.cuda.synchronize if is_cuda(bench.device) else (lambda: None)
     placeholder = torch.empty(bench.batch_size, 0)  # the "images" of a batch whose tokens are precomputed
     cases = {"abmilp": setup(bench, ["abmilp"], tokens), "all": setup(bench, LEARNED, tokens)}
     cases.update({head: setup(bench, [head], tokens) for head in LEARNED[1:]})

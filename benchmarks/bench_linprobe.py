@@ -36,10 +36,11 @@ from timm.models.vision_transformer import VisionTransformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine_linprobe as engine  # noqa: E402
+from config import ProbeSpec  # noqa: E402
 from heads import HEADS, HeadOptions  # noqa: E402
 from models_vit import MODELS, build_encoder  # noqa: E402
 from util.amp import autocast  # noqa: E402
-from util.config import ProbeSpec  # noqa: E402
+from util.dist import is_cuda  # noqa: E402
 from util.lr_sched import WarmupCosine, scaled_lr  # noqa: E402
 
 
@@ -113,7 +114,7 @@ def summarize(labels, seconds, peaks, batch_size, flops, peak):
 
 
 def device_name(device):
-    if device.startswith("cuda"):
+    if is_cuda(device):
         return torch.cuda.get_device_name(device)
     with open("/proc/cpuinfo") as f:
         models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
@@ -220,8 +221,8 @@ def main(bench):
 
     flops = vit_forward_flops(encoder)
     precision = matmul_precision(bench.amp, torch.backends.cuda.matmul.allow_tf32)
-    peak = bench.peak_tflops or (peak_tflops(device_name(device), precision) if device.startswith("cuda") else None)
-    if peak is None and device.startswith("cuda"):
+    peak = bench.peak_tflops or (peak_tflops(device_name(device), precision) if is_cuda(device) else None)
+    if peak is None and is_cuda(device):
         print(f"note: no {precision} peak known for {device_name(device)}: pass --peak_tflops for MFU")
     labels = {key: label for key, (label, _) in cases.items()}
     results = summarize(labels, seconds, peaks, bench.batch_size, flops, peak)
@@ -245,7 +246,7 @@ def print_table(bench, report):
     print(f"{bench.model}, batch {bench.batch_size}, {bench.input_size}px, amp {bench.amp}, "
           f"compile {bench.compile}, {report['device']}, {report['date']}; medians of {bench.rounds} rounds "
           f"x {bench.iters} steps; {report['forward_gflops_per_image']:.2f} GFLOP/image forward")
-    cuda = bench.device.startswith("cuda")
+    cuda = is_cuda(bench.device)
     memory = "peak alloc MiB" if cuda else "peak RSS MiB"
     show_mfu = report["mfu_peak_tflops"] is not None
     if show_mfu:

@@ -47,11 +47,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import engine_linprobe as engine  # noqa: E402
 from benchmarks.bench_linprobe import device_name  # noqa: E402
+from config import ProbeSpec  # noqa: E402
 from heads import HeadOptions  # noqa: E402
 from models_vit import build_encoder  # noqa: E402
-from util.config import ProbeSpec  # noqa: E402
 from util.data import SAMPLE_PHOTOS, build_dataset, build_loader  # noqa: E402
 from util.decode import FastTransform, collate_encoded, device_images  # noqa: E402
+from util.dist import is_cuda  # noqa: E402
 from util.lr_sched import WarmupCosine  # noqa: E402
 
 # ImageNet-1k's image sizes, as assumed here (BENCHMARKS.md): most photos are Flickr's 500-pixel size, 4:3
@@ -150,7 +151,7 @@ def bench_loader(root, bench):
                     start = cpu_time()
                     device_images(images, "cpu")
                     normalise[round_] += cpu_time() - start
-                if collate is not None and bench.device.startswith("cuda"):  # the device's share of --decoder gpu
+                if collate is not None and is_cuda(bench.device):  # the device's share of --decoder gpu
                     torch.cuda.synchronize()
                     start = time.perf_counter()
                     device_images(images, bench.device)

@@ -26,10 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import engine_linprobe as engine  # noqa: E402
+from config import ProbeSpec  # noqa: E402
 from heads import HeadOptions, TokenBatch  # noqa: E402
 from models_vit import build_encoder, capture_attention  # noqa: E402
 from util.amp import autocast  # noqa: E402
-from util.config import ProbeSpec  # noqa: E402
 from util.lr_sched import WarmupCosine  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -381,8 +381,9 @@ def input_pipeline(report):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_loader import imagenet_like
 
-    from util.data import IMAGENET_STD, build_dataset
+    from util.data import build_dataset
     from util.decode import FastTransform, collate_encoded, device_images
+    from util.images import IMAGENET_STD
     std = torch.tensor(IMAGENET_STD, device=DEVICE)[:, None, None] * 255
     with tempfile.TemporaryDirectory() as tmp:
         imagenet_like(Path(tmp), 64)

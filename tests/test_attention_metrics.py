@@ -2,6 +2,7 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from util.attention_metrics import (
     AttentionStatsAccumulator,
     block_metrics,
     fourier_delta_log_amplitude,
+    metric_names,
 )
 
 LOG_EPS = math.log(1e-6)  # cl-vs-mim's amplitude offset, seen in empty Fourier bins
@@ -72,15 +74,13 @@ def test_patches_attend_to_themselves_cls_uniform():
     attn[..., 0, :] = 1 / T
     rec = record(attn, torch.full((B, T), 4.0), torch.tensor([[1.0, 0, 0, 0, 0, 0, 2.0]]),
                  constant_tokens(B, T, [3.0]))
-    fourier = LOG_EPS - math.log(3.0 * N + 1e-6)
     check(as_floats(block_metrics(rec, 1, grid, patch)), {
         "cls_cls_attention": 1 / T, "pos_self_attention": 1.0,
         "cls_cls_attention_adj_for_cls": 1 / N, "pos_self_attention_adj_for_cls": 1.0,
         "cls_pos_attention": 1 / T, "pos_cls_attention": 0.0,
         "cls_pos_entropy": math.log(N), "pos_pos_entropy": 0.0,
         "cls_magnitude": 0.25, "pos_magnitude": 0.5 / N,
-        "attention_distance": 0.0, "nmi": 1.0,
-        "fourier_delta_log_amplitude": fourier})
+        "attention_distance": 0.0, "nmi": 1.0})
 
 
 MIXED = torch.tensor([  # [cls, p(0,0), p(0,1), p(1,0), p(1,1)] on a 2x2 grid
@@ -110,8 +110,6 @@ def mixed_expected():
         "cls_magnitude": 1 / 2, "pos_magnitude": (1 / 1 + 1 / 4 + 1 / 2 + 5 / 5) / 4,
         "attention_distance": (0 + 8 + 8 + 4 * math.sqrt(2) + 8) / 4,
         "nmi": (key_entropy - math.log(2)) / math.sqrt(math.log(4) * key_entropy),
-        # a 2x2 grid has one frequency on cl-vs-mim's half diagonal: (0, 0), so highest minus lowest is 0
-        "fourier_delta_log_amplitude": 0.0,
     }
 
 
@@ -178,10 +176,10 @@ def test_without_cls_only_patch_metrics():
     acc = AttentionStatsAccumulator()
     acc.update({0: rec}, 0, grid, 16)
     result = acc.result()[0]
-    assert {k for k in result if not k.endswith("_per_head")} == set(PATCH_METRICS)
-    check({k: result[k] for k in PATCH_METRICS}, {
+    assert {k for k in result if not k.endswith("_per_head")} == set(PATCH_METRICS) - {"fourier_delta_log_amplitude"}
+    check({k: result[k] for k in metric_names(False, grid)}, {
         "pos_self_attention": 1 / N, "pos_pos_entropy": math.log(N), "pos_magnitude": 3.0,
-        "attention_distance": mean_pairwise_distance(grid, 16), "nmi": 0.0, "fourier_delta_log_amplitude": 0.0})
+        "attention_distance": mean_pairwise_distance(grid, 16), "nmi": 0.0})
 
 
 @pytest.mark.parametrize("grid", [(4, 4), (3, 3), (4, 6)])
@@ -207,6 +205,48 @@ def test_fourier_of_checkerboard_is_beyond_the_half_diagonal():
     assert fourier_delta_log_amplitude(tokens, (h, w)).item() == pytest.approx(expected, rel=1e-6)
 
 
+def cl_vs_mim_delta_log_amplitude(maps, index=lambda f, h: np.diag(f)[h // 2:], shift=True):
+    """naver-ai/cl-vs-mim's representation analysis, written again in numpy: log amplitude of each channel's
+    FFT2 (+1e-6), shifted so the zero frequency sits at the centre, averaged over images and channels; the half
+    diagonal from the centre to the corner, relative to the centre. Its last point (1.0 pi) is our metric averaged
+    over images. `index` and `shift` make the wrong readings the test must tell apart."""
+    b, c, h, w = maps.shape
+    log_amplitude = np.log(np.abs(np.fft.fft2(maps)) + 1e-6)
+    if shift:
+        log_amplitude = np.fft.fftshift(log_amplitude, axes=(2, 3))
+    curve = index(log_amplitude.mean(axis=(0, 1)), h)
+    return (curve - curve[0])[-1]
+
+
+def test_fourier_equals_cl_vs_mim_on_a_vit_b_grid():
+    """14x14 patch tokens (ViT-B/16 at 224) with a smooth spatial structure, high-frequency texture and a channel
+    mean far above the spread (as MAE's tokens): our per-image value, averaged, is cl-vs-mim's curve end."""
+    h = w = 14
+    rng = np.random.default_rng(0)
+    i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    smooth = np.cos(2 * np.pi * (i + 2 * j) / h)[None, None]
+    maps = 100.0 + 3 * rng.standard_normal((2, 6, 1, 1)) * smooth + rng.standard_normal((2, 6, h, w))
+    tokens = torch.from_numpy(maps).flatten(2).transpose(1, 2)  # [B, N, C], row-major patches as ViTs lay them
+    ours = fourier_delta_log_amplitude(tokens, (h, w)).double().mean().item()
+    reference = cl_vs_mim_delta_log_amplitude(maps)
+    assert ours == pytest.approx(reference, rel=1e-5)
+    # The wrong readings land far away, so the comparison above tells them apart.
+    unshifted = cl_vs_mim_delta_log_amplitude(maps, shift=False)
+    anti_diagonal = cl_vs_mim_delta_log_amplitude(maps, index=lambda f, h: np.diag(np.fliplr(f))[h // 2:])
+    assert min(abs(unshifted - reference), abs(anti_diagonal - reference)) > 0.1
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (2, 3), (1, 14)])
+def test_fourier_refuses_grids_without_a_frequency_beyond_zero(grid):
+    """On fewer than 3 rows or columns cl-vs-mim's half diagonal holds the zero frequency alone: the metric is
+    always 0 there, so the function refuses and block_metrics leaves it out."""
+    tokens = torch.randn(1, grid[0] * grid[1], 4)
+    with pytest.raises(ValueError, match="at least 3x3"):
+        fourier_delta_log_amplitude(tokens, grid)
+    assert "fourier_delta_log_amplitude" not in metric_names(True, grid)
+    assert "fourier_delta_log_amplitude" in metric_names(True, (3, 3)) and "nmi" in metric_names(True, grid)
+
+
 def without_tokens(rec, drop):
     """The record with the tokens in `drop` removed (attention rows and columns, norms, outputs)."""
     keep = [t for t in range(rec["attn"].shape[-1]) if t not in drop]
@@ -225,7 +265,7 @@ def test_registers_are_neither_cls_nor_patches(has_cls):
     rec = record(torch.randn(B, H, T, T, generator=g).mul(2).softmax(-1), torch.rand(B, T, generator=g) + 1,
                  torch.rand(B, T, generator=g), torch.randn(B, T, 5, generator=g))
     with_registers = as_floats(block_metrics(rec, prefix, grid, 16, has_cls=has_cls))
-    assert set(with_registers) == set(CLS_METRICS if has_cls else PATCH_METRICS)
+    assert set(with_registers) == set(CLS_METRICS if has_cls else PATCH_METRICS) - {"fourier_delta_log_amplitude"}
     register_tokens = set(range(int(has_cls), prefix))
     check(with_registers, as_floats(block_metrics(without_tokens(rec, register_tokens), int(has_cls), grid, 16)))
     acc = AttentionStatsAccumulator()

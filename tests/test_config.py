@@ -1,8 +1,8 @@
-"""util/config: the training-subset flags resolved into the frozen configuration, or one error naming the flag."""
+"""config.py: the training-subset flags resolved into the frozen configuration, or one error naming the flag."""
 import pytest
 
 import main_linprobe
-from util.config import resolve_linprobe
+from config import resolve_linprobe
 from util.errors import UserError
 from util.subsets import FRACTION, LIST, PER_CLASS, TrainSubset
 
@@ -65,7 +65,7 @@ def test_under_a_launcher_every_process_takes_cuda_local_rank(monkeypatch):
 
 
 def test_under_a_launcher_an_explicit_gpu_index_is_refused(monkeypatch):
-    from util.config import resolve_device
+    from config import resolve_device
     for name, value in LAUNCHED_AS_RANK_1_OF_2.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(UserError, match=r"--device cuda:0 names one GPU for all 2 processes \(pass --device cuda"):

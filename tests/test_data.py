@@ -12,7 +12,6 @@ import fake_datasets
 from util import data
 from util.data import (
     NAMED_SETS,
-    BadImageError,
     DatasetMissing,
     DatasetNotDownloadable,
     DownloadFailed,
@@ -20,8 +19,8 @@ from util.data import (
     build_image_set,
     build_loader,
     build_transform,
-    find_bad_image,
 )
+from util.images import IMAGENET_MEAN, IMAGENET_STD, BadImageError, find_bad_image
 from util.subsets import FRACTION, LIST, PER_CLASS, TrainSubset
 
 S = 32
@@ -65,8 +64,8 @@ def test_transforms_give_input_size():
 def test_val_transform_normalises_with_imagenet_stats():
     grey = Image.new("RGB", (64, 64), (124, 116, 104))  # ~ ImageNet mean * 255
     out = build_transform("val", S)(grey)
-    expected = (torch.tensor([124, 116, 104]) / 255 - torch.tensor(data.IMAGENET_MEAN)) / torch.tensor(
-        data.IMAGENET_STD)
+    expected = (torch.tensor([124, 116, 104]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(
+        IMAGENET_STD)
     torch.testing.assert_close(out.mean(dim=(1, 2)), expected.float(), atol=1e-4, rtol=0)
 
 
@@ -81,7 +80,7 @@ def test_digits_split_is_complete_stratified_and_fixed():
         assert abs(collections.Counter(val.targets)[label] - total * 360 / 1797) <= 1
     image, label = val[0]
     assert image.shape == (3, S, S) and label == val.targets[0]
-    pixels = image * torch.tensor(data.IMAGENET_STD)[:, None, None] + torch.tensor(data.IMAGENET_MEAN)[:, None, None]
+    pixels = image * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
     torch.testing.assert_close(pixels[0], pixels[1], atol=1e-5, rtol=0)  # grey copied into 3 channels
     torch.testing.assert_close(pixels[0], pixels[2], atol=1e-5, rtol=0)
     again = build_dataset("digits", "val", S)
@@ -409,7 +408,7 @@ def test_zero_batch_size():
 # ------------------------------------------------------------------------------------ issues 10 and 15
 
 def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
-    from util.data import load_rgb
+    from util.images import load_rgb
     path = tmp_path / "sixteen.png"
     Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(path)  # mid-grey in 16 bits
     assert Image.open(path).mode.startswith("I")
@@ -430,7 +429,7 @@ def test_one_draw_crop_follows_maes_rule(tmp_path):
     expected = (w * h).mean() / (width * height)
     from torchvision import transforms
 
-    from util.data import OneDrawResizedCrop
+    from util.images import OneDrawResizedCrop
     image = Image.new("RGB", (width, height))
     torch.manual_seed(0)
     ours = [OneDrawResizedCrop.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(draws)]
@@ -559,9 +558,9 @@ def test_named_datasets_honour_the_cache_variable(tmp_path, monkeypatch):
 
 def test_head_initialisation_does_not_restart_the_random_encoders_stream():
     import engine_linprobe as engine
+    from config import ProbeSpec
     from heads import HeadOptions
     from models_vit import build_encoder
-    from util.config import ProbeSpec
 
     torch.manual_seed(0)  # what main_linprobe does before building a random-initialised encoder for --seed 0
     encoder = build_encoder("vit_tiny_patch16", input_size=32, verbose=False)

@@ -17,8 +17,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from util.data import IMAGENET_STD, BadImageError, OneDrawResizedCrop, build_dataset, build_loader, build_transform
-from util.data import load_rgb as pil_load
+from util.data import build_dataset, build_loader, build_transform
 from util.decode import (
     DeviceDecodeTransform,
     FastTransform,
@@ -30,6 +29,8 @@ from util.decode import (
     pad_batch,
     resized_size,
 )
+from util.images import IMAGENET_STD, BadImageError, OneDrawResizedCrop
+from util.images import load_rgb as pil_load
 
 S = 64
 PIXEL_MEAN = 0.05     # mean |fast - PIL| in 8-bit levels, over every value of every crop
@@ -272,7 +273,7 @@ def test_fast_loader_on_an_image_folder(tmp_path, num_workers):
     with pytest.raises(Exception) as info:
         list(build_loader(build_dataset(tmp_path, "train", S, decoder="fast"), 6, train=False,
                           num_workers=num_workers))
-    from util.data import find_bad_image
+    from util.images import find_bad_image
     bad = find_bad_image(info.value)
     assert bad is not None and "1.jpg" in str(bad) and "\n" not in str(bad)
 

@@ -79,7 +79,7 @@ def test_build_dataset_and_build_image_set_accept_digits_clutter(small):
     val = build_dataset(f"digits_clutter:{small}", "val", 64)
     # the val transform shows the whole canvas: no centre crop that could cut a digit at the border off
     canvas = torch.from_numpy(np.asarray(val.images[3], dtype=np.float32)[..., 0] / 255)
-    from util.data import IMAGENET_MEAN, IMAGENET_STD
+    from util.images import IMAGENET_MEAN, IMAGENET_STD
     torch.testing.assert_close(val[3][0][0], (canvas - IMAGENET_MEAN[0]) / IMAGENET_STD[0], atol=1e-5, rtol=0)
     stats_set = build_image_set(f"digits_clutter:{small}", 64, max_images=10)
     assert len(stats_set) == 10 and stats_set[0][0].shape == (3, 64, 64)

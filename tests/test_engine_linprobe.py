@@ -13,9 +13,9 @@ from torch.utils.data import TensorDataset
 import engine_linprobe as engine
 import main_linprobe
 import models_vit
+from config import resolve_linprobe
 from heads import HEADS, HeadOptions, TokenBatch, build_probe
 from models_vit import build_encoder
-from util.config import resolve_linprobe
 from util.data import build_loader
 
 NUM_CLASSES = 10

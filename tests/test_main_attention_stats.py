@@ -15,12 +15,15 @@ from PIL import Image
 import main_attention_stats
 from helpers import ROOT
 from models_vit import build_encoder
-from util.attention_metrics import CLS_METRICS, PATCH_METRICS
+from util.attention_metrics import metric_names
 from util.data import build_image_set
 from util.errors import UserError
 
 EMBED, DEPTH, HEADS = 192, 12, 3  # vit_tiny_patch16
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# 32 px at patch 16: a 2x2 grid, on which the Fourier metric is undefined (left out, with a note)
+CLS_NAMES, PATCH_NAMES = metric_names(True, (2, 2)), metric_names(False, (2, 2))
 
 
 @pytest.fixture(autouse=True)
@@ -74,19 +77,19 @@ def test_cli_writes_every_file_and_keeps_other_files(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "img/s" in proc.stderr  # the tqdm bar
     header, rows = read_csv(out / "attention_stats.csv")
-    assert header == ["block", *CLS_METRICS]
+    assert header == ["block", *CLS_NAMES]
     assert [row[0] for row in rows] == list(range(DEPTH))
     assert all(math.isfinite(v) for row in rows for v in row)
     report = json.loads((out / "attention_stats.json").read_text())
     meta = report["metadata"]
     assert (meta["model"], meta["checkpoint"], meta["images"], meta["input_size"]) == (
         "vit_tiny_patch16", str(ckpt), 8, 32)
-    assert report["metrics"] == list(CLS_METRICS) and len(report["blocks"]) == DEPTH
+    assert report["metrics"] == list(CLS_NAMES) and len(report["blocks"]) == DEPTH
     first = report["blocks"][0]
     assert first["cls_cls_attention"] == pytest.approx(rows[0][1], rel=1e-6)
     assert len(first["nmi_per_head"]) == HEADS
     assert first["nmi"] == pytest.approx(np.mean(first["nmi_per_head"]), rel=1e-6)
-    pngs = [f"plot_{m}.png" for m in CLS_METRICS] + ["cls_attention_overlays.png", "tsne_images.png",
+    pngs = [f"plot_{m}.png" for m in CLS_NAMES] + ["cls_attention_overlays.png", "tsne_images.png",
                                                      "tsne_tokens.png"]
     for name in pngs:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
@@ -135,8 +138,8 @@ def test_encoder_without_cls_reports_patch_metrics_only(tmp_path):
     run_main("--model", "vit_tiny_patch16", "--finetune", str(ckpt), "--no_cls_token", "--input_size", "32",
              "--max_images", "4", "--output_dir", str(out))
     header, rows = read_csv(out / "attention_stats.csv")
-    assert header == ["block", *PATCH_METRICS] and len(rows) == DEPTH
-    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"plot_{m}.png" for m in PATCH_METRICS)
+    assert header == ["block", *PATCH_NAMES] and len(rows) == DEPTH
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"plot_{m}.png" for m in PATCH_NAMES)
 
 
 def test_compare_overlays_runs(tmp_path):
@@ -246,12 +249,12 @@ def test_a_reused_folder_holds_only_the_new_runs_outputs(tmp_path):
              str(encoder_without_cls), "--output_dir", str(out))
     pngs = sorted(p.name for p in out.glob("*.png"))
     # the stale [cls] plots and t-SNE are gone; the user's files stay
-    assert pngs == sorted([*(f"plot_{m}.png" for m in PATCH_METRICS), "plot_my_paper_figure.png", "tsne_tokens.png"])
+    assert pngs == sorted([*(f"plot_{m}.png" for m in PATCH_NAMES), "plot_my_paper_figure.png", "tsne_tokens.png"])
     assert (out / "notes.txt").read_text() == "mine"
     assert (out / "tsne_tokens.png").read_bytes() == PNG_MAGIC + b"edited by hand"
     recorded = json.loads((out / "attention_stats_outputs.json").read_text())
     assert sorted(recorded["measure"]) == sorted(["attention_stats.csv", "attention_stats.json",
-                                                  *(f"plot_{m}.png" for m in PATCH_METRICS)])
+                                                  *(f"plot_{m}.png" for m in PATCH_NAMES)])
 
 
 def test_compare_removes_only_the_comparison_plots_it_wrote(tmp_path):
@@ -281,8 +284,7 @@ def test_register_encoders_keep_registers_out_of_cls_and_patches(name, has_cls):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.arange(5)), batch_size=5)
     embeddings = main_attention_stats.EmbeddingSamples(0)
     stats, _, maps = main_attention_stats.measure(encoder, loader, "cpu", "none", embeddings)
-    assert {k for k in stats.result()[1] if not k.endswith("_per_head")} == set(CLS_METRICS if has_cls
-                                                                                 else PATCH_METRICS)
+    assert {k for k in stats.result()[1] if not k.endswith("_per_head")} == set(metric_names(has_cls, (4, 4)))
     with torch.no_grad():
         tokens = encoder.forward_tokens(images)
         last = encoder.blocks[-1]

@@ -16,10 +16,10 @@ import torch
 import engine_pretrain
 import main_pretrain
 import pretrain_models
+from config import resolve_pretrain
 from helpers import assert_user_error, cli_env, write_malicious_checkpoint
 from models_vit import build_encoder
 from util import digits_clutter
-from util.config import resolve_pretrain
 from util.errors import UserError
 from util.run_state import OutputLock, pretrain_identity
 

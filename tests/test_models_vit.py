@@ -20,7 +20,8 @@ from torch import nn
 
 import models_vit
 from helpers import fake_yacs_cfgnode, forget_fake_yacs
-from models_vit import NonFiniteWeights, architecture, build_encoder, capture_attention
+from models_vit import architecture, build_encoder, capture_attention
+from util.release_layouts import NonFiniteWeights
 
 TINY = dict(patch_size=8, embed_dim=64, depth=2, num_heads=2)  # overrides for vit_tiny_patch16
 TINY14 = dict(embed_dim=64, depth=2, num_heads=2)  # overrides for the patch-14 DINOv2 names

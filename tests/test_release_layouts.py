@@ -14,9 +14,9 @@ import torch
 from test_models_vit import assert_matches, images
 
 import models_vit
+from cli import ENCODER_REMEDIES
 from models_vit import build_encoder, capture_attention
 from util import release_layouts
-from util.cli import ENCODER_REMEDIES
 from util.errors import UserError, user_errors
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=2)

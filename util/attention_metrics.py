@@ -22,7 +22,8 @@ Definitions (per image and head; the script averages them over images and heads,
                                  prior over patch queries; H(Q) = ln N, p(k) = mean_q P[q, k] (cl-vs-mim's
                                  normalisation). 1 when every query attends only to its own distinct key, 0 when
                                  the key does not depend on the query (then H(K) may be 0 too: defined as 0).
-  fourier_delta_log_amplitude    see `fourier_delta_log_amplitude` (per image; no heads)
+  fourier_delta_log_amplitude    see `fourier_delta_log_amplitude` (per image; no heads); left out on grids of
+                                 fewer than 3 rows or columns, where it is always 0 (`fourier_grid_problem`)
 
 Differences from the references, all below 1e-6 relative for ordinary attention: the paper adds 1e-6 to every
 denominator and inside its log, cl-vs-mim adds 1e-8 to attention before renormalising; here sums are exact
@@ -44,8 +45,24 @@ PATCH_METRICS = ("pos_self_attention", "pos_pos_entropy", "pos_magnitude", "atte
 PER_IMAGE_METRICS = ("cls_magnitude", "pos_magnitude", "fourier_delta_log_amplitude")  # no head axis
 
 
-def metric_names(has_cls):
-    return CLS_METRICS if has_cls else PATCH_METRICS
+def metric_names(has_cls, grid=None):
+    """The metrics of an encoder with or without [cls] on a `grid` of patches; the Fourier metric only where it is
+    defined (`fourier_grid_problem`)."""
+    names = CLS_METRICS if has_cls else PATCH_METRICS
+    if grid is not None and fourier_grid_problem(grid):
+        names = tuple(n for n in names if n != "fourier_delta_log_amplitude")
+    return names
+
+
+def fourier_grid_problem(grid):
+    """Why `fourier_delta_log_amplitude` is undefined on `grid`, or None. With fewer than 3 rows or columns
+    cl-vs-mim's half diagonal (from the centre of the shifted spectrum to its corner) holds the zero frequency
+    alone, so its highest-minus-lowest would be 0 for any tokens."""
+    h, w = grid
+    if min(h, w) < 3:
+        return (f"the Fourier metric needs a patch grid of at least 3x3: on {h}x{w} cl-vs-mim's half diagonal "
+                "holds only the zero frequency")
+    return None
 
 
 def entropy(p, dim=-1):
@@ -95,6 +112,9 @@ def fourier_delta_log_amplitude(patch_tokens, grid):
     frequency it plots as 1.0π. Averaged over images this equals cl-vs-mim's curve end point. float64 keeps the
     empty bins of crafted maps at zero instead of rounding noise.
     """
+    problem = fourier_grid_problem(grid)
+    if problem:
+        raise ValueError(problem)
     b, n, d = patch_tokens.shape
     h, w = grid
     maps = patch_tokens.double().transpose(1, 2).reshape(b, d, h, w)
@@ -118,9 +138,11 @@ def block_metrics(record, num_prefix, grid, patch_size, has_cls=None):
         "pos_magnitude": magnitude[:, patches].mean(-1),
         "attention_distance": attention_distance(patch_attn, grid, patch_size),
         "nmi": attention_nmi(patch_attn),
-        "fourier_delta_log_amplitude": fourier_delta_log_amplitude(record["out"][:, patches], grid),
     }
-    if not (num_prefix > 0 if has_cls is None else has_cls):
+    if not fourier_grid_problem(grid):
+        out["fourier_delta_log_amplitude"] = fourier_delta_log_amplitude(record["out"][:, patches], grid)
+    has_cls = num_prefix > 0 if has_cls is None else has_cls
+    if not has_cls:
         return out
     cls_to_patches = attn[..., 0, patches]
     out.update({
@@ -132,7 +154,7 @@ def block_metrics(record, num_prefix, grid, patch_size, has_cls=None):
         "cls_pos_entropy": entropy(cls_to_patches / cls_to_patches.sum(-1, keepdim=True).clamp_min(EPS)),
         "cls_magnitude": magnitude[:, 0],
     })
-    return {name: out[name] for name in CLS_METRICS}
+    return {name: out[name] for name in metric_names(has_cls, grid)}
 
 
 class AttentionStatsAccumulator:

@@ -14,13 +14,12 @@ import sys
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
+from typing import Union
 
 import torch
 
-
-class NonFiniteWeights(ValueError):
-    """The checkpoint holds NaN or inf weights (a diverged run); nothing useful can be probed from it."""
-
+# The file endings a checkpoint is written with (torch, safetensors, Lightning, old tar archives).
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".safetensors", ".ckpt")
 
 def _looks_like_safetensors(path):
     """A safetensors file starts with a little-endian u64 header length, then a JSON object."""
@@ -94,7 +93,7 @@ def _python3_name(name):
     return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{attr}"
 
 
-def load_checkpoint(path, *, trust=False):
+def load_checkpoint(path: Union[str, os.PathLike], *, trust: bool = False) -> dict:
     """The dict stored in a torch (.pth, zip or legacy pickle) or safetensors file, on CPU.
 
     A torch file is a pickle, and unpickling can call any function the file names. So it is read with torch's
@@ -209,7 +208,7 @@ def on_cpu(obj):
     return obj
 
 
-def save_atomic(obj, path):
+def save_atomic(obj: object, path: Union[str, os.PathLike]) -> None:
     """torch.save (every tensor on the CPU) to a temporary file unique to this process, fsync, then rename over
     PATH.
 

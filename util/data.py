@@ -8,15 +8,14 @@ import math
 import multiprocessing
 import os
 import random
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import (
     ConcatDataset,
     DataLoader,
@@ -27,15 +26,13 @@ from torch.utils.data import (
 )
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
-from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from util import digits_clutter
-from util.subsets import select
+from util import digits_clutter, dist
+from util.decode import build_fast_transform
+from util.images import BICUBIC, BadImageError, OneDrawResizedCrop, load_rgb, normalize
+from util.subsets import TrainSubset, select
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-BICUBIC = transforms.InterpolationMode.BICUBIC
 # scikit-image photographs that ship inside the wheel (no pooch download), natural images only.
 SAMPLE_PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "rocket", "hubble_deep_field",
                  "immunohistochemistry", "moon", "retina", "grass", "gravel", "brick")
@@ -45,39 +42,10 @@ DIGITS_SPLIT_SEED = 0
 
 # ----------------------------------------------------------------------------------------------- transforms
 
-def normalize():
-    return [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-
-
-class OneDrawResizedCrop(transforms.RandomResizedCrop):
-    """RandomResizedCrop as MAE's util/crop.py (which the paper's code uses) draws it: one scale and one aspect
-    ratio, the crop clipped to the image. torchvision's tries up to 10 draws before a fallback, which shifts the
-    distribution of crop sizes (measured mean crop area 0.53 vs 0.49 of the image), hence this override."""
-
-    @staticmethod
-    def get_params(img, scale, ratio):
-        return one_draw_box(*TF.get_image_size(img), scale, ratio)
-
-
-def one_draw_box(width, height, scale, ratio):
-    """(top, left, height, width) of OneDrawResizedCrop in an image of that size (util/decode.py draws it from
-    a JPEG's header, before decoding)."""
-    area = width * height * torch.empty(1).uniform_(scale[0], scale[1]).item()
-    log_ratio = torch.log(torch.tensor(ratio))
-    aspect = math.exp(torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item()).item())
-    w = min(width, int(round(math.sqrt(area * aspect))))
-    h = min(height, int(round(math.sqrt(area / aspect))))
-    top = torch.randint(0, height - h + 1, size=(1,)).item()
-    left = torch.randint(0, width - w + 1, size=(1,)).item()
-    return top, left, h, w
-
-
-def build_transform(split, input_size, decoder="pil"):
+def build_transform(split: str, input_size: int, decoder: str = "pil") -> Callable:
     """MAE linear probing: one-draw RandomResizedCrop + flip for train, Resize(S*256/224) + CenterCrop for val.
     decoder "fast"/"gpu": the same crops as uint8 tensors (util/decode.py), normalised later on the device."""
     if decoder != "pil":
-        from util.decode import build_fast_transform  # util.decode reads images through this module
-
         return build_fast_transform(split, input_size, decoder)
     if split == "train":
         return transforms.Compose([OneDrawResizedCrop(input_size, interpolation=BICUBIC),
@@ -86,72 +54,6 @@ def build_transform(split, input_size, decoder="pil"):
         return transforms.Compose([transforms.Resize(int(input_size * 256 / 224), interpolation=BICUBIC),
                                    transforms.CenterCrop(input_size), *normalize()])
     raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-
-
-# ------------------------------------------------------------------------------------------ reading images
-
-class BadImageError(ValueError):
-    """An image file that cannot be decoded.
-
-    A DataLoader worker's exception is re-raised in the main process as `type(exc)(text)`, where text is
-    "Caught ... Original Traceback ...". The constructor recovers the original one-line message from the last
-    traceback line, so `error: ...` stays one line whether or not workers are used.
-    """
-
-    def __init__(self, message):
-        super().__init__(one_line_message(message))
-
-
-def one_line_message(text):
-    """The original message of a BadImageError re-raised by a DataLoader worker; other text unchanged."""
-    text = str(text)
-    if "Traceback" not in text:
-        return text
-    last = text.rstrip().splitlines()[-1]
-    match = re.match(r"^[\w.]*BadImageError: (.*)$", last)
-    return match.group(1) if match else text
-
-
-def find_bad_image(exc):
-    """The BadImageError behind `exc` (itself, its cause/context, or a worker's re-raise as another type), with
-    its one-line message; else None."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, BadImageError):
-            return exc
-        message = one_line_message(exc)
-        if message != str(exc):  # e.g. a RuntimeError carrying a worker's BadImageError traceback
-            return BadImageError(message)
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def _to_8bit(image):
-    """High-bit-depth grayscale (PIL modes I;16*, I, F) scaled to 8 bits: PIL's own conversion clips at 255,
-    which turns a 16-bit image white. Integer modes are read as 16-bit (PNG/TIFF's 0..65535), float as 0..1."""
-    array = np.asarray(image)
-    if image.mode == "F":
-        scaled = array * 255.0 if array.max(initial=0) <= 1.0 else array / 257.0
-    else:
-        scaled = array.astype(np.float64) / 257.0
-    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")
-
-
-def load_rgb(path):
-    """Open any image (grayscale, 16-bit, RGBA, CMYK, palette...) as 8-bit RGB; BadImageError naming the file."""
-    try:
-        with open(path, "rb") as f:
-            image = Image.open(f)
-            if image.mode == "P" and "transparency" in image.info:
-                image = image.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
-            if image.mode.startswith("I") or image.mode == "F":
-                image = _to_8bit(image)
-            return image.convert("RGB")
-    except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
-        reason = ("not an image format PIL can decode" if isinstance(err, UnidentifiedImageError)
-                  else " ".join(f"{type(err).__name__}: {err}".split()))
-        raise BadImageError(f"cannot read image {path}: {reason}") from None
 
 
 class ImageFiles(Dataset):
@@ -403,8 +305,9 @@ def _named_split(name, root, split, transform, download):
 
 # ------------------------------------------------------------------------------------------- entry points
 
-def build_dataset(data_path, split, input_size, *, download=False, skip_bad_images=False, augment=True,
-                  subset=None, decoder="pil"):
+def build_dataset(data_path: Union[str, os.PathLike], split: str, input_size: int, *, download: bool = False,
+                  skip_bad_images: bool = False, augment: bool = True, subset: Optional[TrainSubset] = None,
+                  decoder: str = "pil") -> Dataset:
     """Dataset for linear probing with `.classes` and `.targets`.
 
     data_path: ImageFolder root (train/, val/) | "digits" | a name of NAMED_SETS, optionally as "name:/root"
@@ -459,7 +362,7 @@ def _shadowing_folder(data_path):
     return folder if str(data_path) in BUILT_IN and folder.is_dir() else None
 
 
-def data_source(data_path):
+def data_source(data_path: Union[str, os.PathLike]) -> str:
     """What `data_path` reads, in words for a run's summary line."""
     data_path = str(data_path)
     if _shadowing_folder(data_path) is not None:
@@ -514,7 +417,8 @@ def _has_images(folder):
                for entry in os.scandir(folder))
 
 
-def build_image_set(data_path, input_size, *, max_images=None, skip_bad_images=False):
+def build_image_set(data_path: Union[str, os.PathLike], input_size: int, *, max_images: Optional[int] = None,
+                    skip_bad_images: bool = False) -> Dataset:
     """Images for attention statistics, with the val transform and `.classes` / `.targets`.
 
     "samples" = scikit-image's photos; a folder with image files directly inside = unlabelled (class 0,
@@ -589,7 +493,7 @@ class ShardSampler(Sampler):
 SHUFFLE, AUGMENT, HEAD_INIT = 1, 2, 3
 
 
-def derive_seed(seed, epoch, purpose, *more):
+def derive_seed(seed: int, epoch: int, purpose: int, *more: int) -> int:
     """A 64-bit seed for one random stream of a run: (seed, epoch, purpose, *more) through numpy's SeedSequence."""
     return int(np.random.SeedSequence([seed, epoch, purpose, *more]).generate_state(1, np.uint64)[0])
 
@@ -665,17 +569,16 @@ class EpochLoader(DataLoader):
             torch.manual_seed(self.worker_seeds.torch_seed(0))
 
 
-def build_loader(dataset, batch_size, *, train, num_workers=0, pin_mem=False, distributed=False, seed=0,
-                 drop_last=None, collate_fn=None):
+def build_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int = 0, pin_mem: bool = False,
+                 distributed: bool = False, seed: int = 0, collate_fn: Optional[Callable] = None) -> "EpochLoader":
     """Loader for one split. train shuffles (seeded, per epoch via loader.set_epoch); distributed shards.
 
-    drop_last defaults to `train` (MAE) but is dropped when the data holds less than one full batch, so a
+    A training loader drops the last partial batch (MAE), unless the data holds less than one full batch, so a
     large --batch_size on a small dataset still trains on one partial batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
-    world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if dist_on else (1, 0)
+    world, rank = dist.world_size(), dist.rank()
     if train:  # one epoch-indexed order for single-process runs too
         sampler = EpochShuffle(dataset, num_replicas=world if distributed else 1, rank=rank if distributed else 0,
                                seed=seed)
@@ -683,7 +586,6 @@ def build_loader(dataset, batch_size, *, train, num_workers=0, pin_mem=False, di
         sampler = ShardSampler(dataset, world, rank)
     else:
         sampler = SequentialSampler(dataset)
-    drop_last = train if drop_last is None else drop_last
-    drop_last = drop_last and len(sampler) >= batch_size
+    drop_last = train and len(sampler) >= batch_size
     return EpochLoader(dataset, seed=seed, rank=rank, batch_size=batch_size, sampler=sampler,
                        num_workers=num_workers, pin_memory=pin_mem, drop_last=drop_last, collate_fn=collate_fn)

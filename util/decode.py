@@ -1,7 +1,7 @@
 """The fast input pipeline (--decoder fast | gpu): image files to uint8 crops, normalised on the device.
 
 The paper's pipeline (--decoder pil, util/data.build_transform) decodes and resizes with PIL and normalises in the
-data worker, in float32. This one cuts the same crops from the same random draws: util.data.one_draw_box (what
+data worker, in float32. This one cuts the same crops from the same random draws: util.images.one_draw_box (what
 OneDrawResizedCrop.get_params calls) on the size read from the file's header, then the flip's draw, in the PIL
 path's order, so a seed gives the same boxes and flips in both; and the same val Resize(S*256/224) +
 CenterCrop(S). What differs is how:
@@ -13,7 +13,7 @@ CenterCrop(S). What differs is how:
 - the loader carries uint8 (a quarter of float32's bytes through worker queues and pinned memory) and
   `device_images` normalises on the device with ToTensor's and Normalize's own ops: the same floats for the
   same pixels.
-Anything else (PNG, grayscale/CMYK/16-bit files, a JPEG libjpeg refuses) is read by util.data.load_rgb, so it is
+Anything else (PNG, grayscale/CMYK/16-bit files, a JPEG libjpeg refuses) is read by util.images.load_rgb, so it is
 accepted, or named in one line, exactly as in the PIL path.
 
 --decoder gpu: the data workers only read the file and draw the crop (`Encoded`); `decode_batch` decodes the batch
@@ -30,7 +30,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as F2
 
-from util.data import BICUBIC, IMAGENET_MEAN, IMAGENET_STD, OneDrawResizedCrop, load_rgb, one_draw_box
+from util.images import BICUBIC, IMAGENET_MEAN, IMAGENET_STD, OneDrawResizedCrop, load_rgb, one_draw_box
 
 DECODERS = ("pil", "fast", "gpu")
 DRAFT_SCALES = (8, 4, 2)  # the reductions libjpeg's DCT scaling gives through PIL's draft

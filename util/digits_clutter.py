@@ -20,6 +20,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from util.images import BICUBIC, normalize
+
 VERSION = 1  # bump when the generator changes: a new cache folder is written, old ones are never reused
 SEED = 0
 CANVAS = 64
@@ -171,9 +173,7 @@ def read_manifest(root):
 def build_transform(split, input_size):
     """val: the whole canvas (resized only when input_size differs: a centre crop could cut the digit off).
     train: the same plus a small random shift and zoom (no flip: a mirrored 2 is no 2)."""
-    from util.data import normalize  # util.data imports this module
-    bicubic = transforms.InterpolationMode.BICUBIC
-    resize = [] if input_size == CANVAS else [transforms.Resize(input_size, interpolation=bicubic)]
+    resize = [] if input_size == CANVAS else [transforms.Resize(input_size, interpolation=BICUBIC)]
     if split == "val":
         return transforms.Compose([*resize, *normalize()])
     return transforms.Compose([transforms.RandomAffine(0, translate=(0.06, 0.06), scale=(0.9, 1.1)), *resize,

@@ -2,9 +2,12 @@
 import datetime
 import os
 import sys
+from typing import Any, Callable, Optional, Tuple, TypeVar, Union
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 # Collectives may wait this long: the main process may hash a multi-GB encoder file while the others wait.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
@@ -16,28 +19,33 @@ class RendezvousError(RuntimeError):
     """The processes named by RANK/WORLD_SIZE did not all join."""
 
 
-def launch_env():
+def launch_env() -> Tuple[int, int, int]:
     """(rank, world_size, local_rank) that the launcher put in the environment; (0, 1, 0) without one."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1, 0
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def process_device(device):
+def is_cuda(device: Union[str, torch.device]) -> bool:
+    """Whether `device` (a name such as "cuda:1", or a torch.device) is a CUDA device."""
+    return str(device).startswith("cuda")
+
+
+def process_device(device: str) -> str:
     """The device this process uses: any CUDA device becomes cuda:LOCAL_RANK under a launcher (every process on
-    one GPU would make NCCL fail with "Duplicate GPU detected"; util/config refuses an explicit index there)."""
+    one GPU would make NCCL fail with "Duplicate GPU detected"; config.py refuses an explicit index there)."""
     _, world, local_rank = launch_env()
-    if world > 1 and str(device).startswith("cuda"):
+    if world > 1 and is_cuda(device):
         return f"cuda:{local_rank}"
     return device
 
 
-def init_distributed(device):
+def init_distributed(device: str) -> None:
     """Join the process group when the environment names one (world size > 1). NCCL on CUDA, gloo otherwise."""
     rank, world, local_rank = launch_env()
     if world <= 1 or dist.is_initialized():
         return
-    use_cuda = str(device).startswith("cuda")
+    use_cuda = is_cuda(device)
     if use_cuda:
         torch.cuda.set_device(torch.device(device))
     backend = "nccl" if use_cuda else "gloo"
@@ -60,33 +68,33 @@ def init_distributed(device):
     dist.init_process_group(backend, store=store, world_size=world, rank=rank, timeout=COLLECTIVE_TIMEOUT)
 
 
-def cleanup_distributed():
+def cleanup_distributed() -> None:
     if is_distributed():
         dist.destroy_process_group()
 
 
-def is_distributed():
+def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def rank():
+def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def world_size():
+def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def is_main():
+def is_main() -> bool:
     return rank() == 0
 
 
-def barrier():
+def barrier() -> None:
     if is_distributed():
         dist.barrier()
 
 
-def all_reduce_sum(tensor):
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over ranks in place (no-op when not distributed); returns it."""
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -99,7 +107,7 @@ PEER_GONE = (("gloo", "Connection closed by peer"), ("gloo", "Connection reset b
              ("ncclRemoteError", "remote process exiting"), ("NCCL communicator was aborted", ""))
 
 
-def peer_failed(err):
+def peer_failed(err: Optional[BaseException]) -> bool:
     """True if `err` is this process's collective failing because another process went away: that process
     reported (or showed) the cause itself, so this one has nothing to add."""
     if launch_env()[1] <= 1:
@@ -113,7 +121,7 @@ def peer_failed(err):
     return False
 
 
-def gather_shards(tensor):
+def gather_shards(tensor: torch.Tensor) -> torch.Tensor:
     """Every process's rows of a ShardSampler split (rank r holds rows r, r + W, ...), back in dataset order, on
     every process; the input when not distributed. NCCL gathers through this process's GPU."""
     if not is_distributed():
@@ -137,7 +145,7 @@ def gather_shards(tensor):
     return out
 
 
-def on_main(fn, *args, share_result=True):
+def on_main(fn: Callable[..., T], *args: Any, share_result: bool = True) -> Optional[T]:
     """Run fn(*args) on the main process only. Every process then raises the exception fn raised there (so a
     failure on the main process does not leave the others waiting in the next collective), or returns fn's
     result (share_result) or None (not main, and share_result False: for results that cannot be pickled)."""

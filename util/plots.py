@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from util.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from util.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 MAX_LEGEND_CLASSES = 20
 

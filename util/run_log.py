@@ -34,11 +34,11 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.log(values, step=step)
 
-    def line(self, record: dict, filename="log.txt"):
+    def line(self, record: dict):
         """Appends one JSON object to log.txt."""
         if not self.enabled:
             return
-        with open(os.path.join(self.output_dir, filename), "a") as f:
+        with open(os.path.join(self.output_dir, "log.txt"), "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def image(self, tag, png_path, step=0):

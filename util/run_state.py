@@ -194,7 +194,7 @@ def experiment_identity(config, *, encoder_source, oracle_source, classes, nb_cl
 
 
 def pretrain_identity(config):
-    """The settings that define a pretraining experiment (util.config.PretrainConfig): what main_pretrain.py
+    """The settings that define a pretraining experiment (config.PretrainConfig): what main_pretrain.py
     records as its checkpoints' and release files' "config" and a resume must match. Output, logging, device and
     worker settings are not in it. Sorted by name, as those files have always held it (part of their bytes)."""
     c = config
@@ -256,9 +256,11 @@ class RunState:
 
     # -- resume
 
-    def auto_resume_path(self):
+    def resume_path(self, resume=""):
+        """The checkpoint to continue from: `resume` (--resume) if given, else the output folder's
+        checkpoint-last.pth if there is one, else ""."""
         path = self.output_dir / LAST
-        return str(path) if path.exists() else ""
+        return resume or (str(path) if path.exists() else "")
 
     def read(self, path, *, explicit):
         """The checkpoint at `path` if it may continue this experiment. Auto-resume (explicit False) needs the same

@@ -13,14 +13,16 @@ from typing import Optional, Tuple
 
 import torch
 
-from heads import HEADS, HeadOptions, resolve_head
+from heads import HEADS, HeadOptions, NoClsToken, require_cls_token, resolve_head
+from models_vit import MODELS, architecture
 from util.data import NAMED_SETS
-from util.dist import launch_env
-from util.errors import UserError
+from util.dist import is_cuda, launch_env
+from util.errors import UserError, user_errors
 from util.lr_sched import WarmupCosine, scaled_lr
 from util.subsets import FRACTION, LIST, PER_CLASS, TrainSubset
 
 CONFIG_VERSION = 3  # 3: train_subset
+CLS_REMEDY = "use pos, abmilp or another patch-token head"
 MAX_SEED = 2 ** 32 - 1  # numpy's SeedSequence and DataLoader worker seeds need a 32-bit non-negative seed
 
 
@@ -80,7 +82,7 @@ def resolve_device(text):
 
 
 def check_amp(amp, device):
-    require(not (amp == "float16" and not device.startswith("cuda")),
+    require(not (amp == "float16" and not is_cuda(device)),
             "--amp float16 needs a CUDA device (use --amp bfloat16 or none on CPU)")
     return amp
 
@@ -109,8 +111,6 @@ class EncoderSpec:
 
 def model_architecture(model):
     """models_vit.architecture for a --model value: sizes known without reading weights or downloading."""
-    from models_vit import architecture
-
     try:
         return architecture(model)
     except ValueError as err:
@@ -294,7 +294,7 @@ def resolve_linprobe(args, world_size=1):
     require(not args.cache_train_features or args.no_augment,
             f"--cache_train_features {args.cache_train_features:g} needs --no_augment (augmented crops differ every "
             "epoch, so there are no tokens to keep: add --no_augment, or leave --cache_train_features out)")
-    require(args.decoder != "gpu" or device.startswith("cuda"),
+    require(args.decoder != "gpu" or is_cuda(device),
             f"--decoder gpu decodes on a CUDA device but --device is {device} (use --decoder fast on the CPU)")
     if args.nb_classes is not None:
         at_least(args.nb_classes, "--nb_classes", 1)
@@ -305,10 +305,8 @@ def resolve_linprobe(args, world_size=1):
     except ValueError as err:
         raise UserError(f"{err} (pass --cls_features one or more heads of README's table, comma-separated)") from None
     require(heads, "--cls_features is empty (name at least one head, e.g. --cls_features cls)")
-    if encoder.no_cls_token:
-        needs_cls = [h for h in heads if HEADS[h].needs_cls]
-        require(not needs_cls, f"--cls_features {','.join(needs_cls)} reads [cls] but --no_cls_token is set "
-                               "(use pos, abmilp or another patch-token head)")
+    with user_errors({NoClsToken: CLS_REMEDY}):
+        require_cls_token(heads, not encoder.no_cls_token, "an encoder built with --no_cls_token")
     oracle = None
     if any(HEADS[h].needs_oracle for h in heads):
         require(args.oracle, "--cls_features oracle needs --oracle (a checkpoint path or timm name, e.g. a DINO "
@@ -345,7 +343,7 @@ def resolve_linprobe(args, world_size=1):
         start_epoch=args.start_epoch, eval_only=args.eval,
         cache_eval_gib=args.cache_eval_features, cache_train_gib=args.cache_train_features, decoder=args.decoder,
         compile=args.compile, knn=knn, train_subset=train_subset,
-        num_workers=args.num_workers, pin_mem=args.pin_mem and device.startswith("cuda"),
+        num_workers=args.num_workers, pin_mem=args.pin_mem and is_cuda(device),
         affinity_hack=args.dataloader_affinity_hack, wandb=args.wandb, run_name=args.run_name)
 
 
@@ -466,8 +464,6 @@ class ExportConfig:
 
 def _pretrain_architecture(model, overrides, input_size):
     """The preset's sizes with the overrides applied, checked the way MAE and MoCo v3 build their ViTs."""
-    from models_vit import MODELS, architecture
-
     require(model in MODELS, f"unknown model '{model}' for pretraining (choose one of {', '.join(MODELS)})")
     for name, value in overrides.items():
         at_least(value, f"--{name}", 1)

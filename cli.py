@@ -14,11 +14,18 @@ from contextlib import contextmanager
 
 import torch
 
-from util.checkpoint import NonFiniteWeights, UnsafeCheckpoint
-from util.data import find_bad_image
+from util.checkpoint import UnsafeCheckpoint
 from util.dist import RendezvousError, launch_env, peer_failed
 from util.errors import UserError, user_errors
-from util.release_layouts import MissingKeys, NoFinalNorm, NoPretrainedWeights, NotAStateDict, TruncatedCheckpoint
+from util.images import find_bad_image
+from util.release_layouts import (
+    MissingKeys,
+    NoFinalNorm,
+    NonFiniteWeights,
+    NoPretrainedWeights,
+    NotAStateDict,
+    TruncatedCheckpoint,
+)
 from util.run_state import OutputDirBusy, lock_output_dir
 
 INTERRUPTED_EXIT = 130
