@@ -20,7 +20,7 @@ import torch
 import engine_linprobe as engine
 from heads import HEADS, HeadOptions
 from models_vit import NonFiniteWeights, build_encoder
-from util import dist
+from util import dashboard, dist
 from util.checkpoint import UnsafeCheckpoint
 from util.cli import (
     ENCODER_REMEDIES,
@@ -43,7 +43,7 @@ from util.data import (
     build_loader,
     data_source,
 )
-from util.decode import DECODERS, collate_fn
+from util.decode import DECODERS, collate_fn, device_images
 from util.errors import UserError, user_errors
 from util.knn import knn_rows
 from util.run_log import RunLog
@@ -285,6 +285,8 @@ def _run_locked(config, device):
                  info=dict(identity=identity, train_images=len(dataset_train), val_images=len(dataset_val),
                            world_size=dist.world_size(), effective_batch=config.effective_batch))
     log.layout({head: [p.name for p in config.probes if p.head == head] for head in config.heads})
+    draw = (_attention_pictures(config, tokens_fn, probe_set, dataset_val, device, log)
+            if dist.is_main() and config.dashboard.images_every else None)
     if dist.is_main():
         counts = (f"{len(probe_set.names)} probe(s) on {len(dataset_train)} images, validating on "
                   f"{len(dataset_val)}, {nb_classes} classes")
@@ -303,7 +305,7 @@ def _run_locked(config, device):
                                              cache=cache)
             improved = state.track(probe_set, test_stats, epoch)
             # a failed save stops every process, not only the main one
-            dist.on_main(_end_epoch, config, log, state, (probe_set, optimizer, scaler), epoch, improved,
+            dist.on_main(_end_epoch, config, log, state, (probe_set, optimizer, scaler, draw), epoch, improved,
                          (train_stats, test_stats, imgs_per_s, time.time() - t0, len(loader_train)),
                          share_result=False)
             last_saved = epoch
@@ -325,15 +327,36 @@ def _run_locked(config, device):
 
 def _end_epoch(config, log, state, trained, epoch, improved, stats):
     """On the main process: the epoch's log line, then its checkpoint, then one line on stdout."""
-    probe_set, optimizer, scaler = trained
+    probe_set, optimizer, scaler, draw = trained
     train_stats, test_stats, imgs_per_s, seconds, iterations = stats
     _log_epoch(log, epoch, train_stats, test_stats, imgs_per_s, probe_set.names, iterations)  # before the checkpoint
     with user_errors(SAVE_REMEDIES):
         state.save(epoch, probe_set, optimizer, scaler, improved, config.to_dict())
+    if draw is not None and dashboard.pictures_due(epoch, config.dashboard.images_every, config.epochs):
+        draw(epoch, iterations)
     log.commit()  # wandb's rows only now: a resumed run never sends an epoch twice
     top = max(probe_set.names, key=lambda n: test_stats[n]["test_acc1"])
     print(f"epoch {epoch}: {seconds:.1f}s, {imgs_per_s:.0f} img/s, best head now {top} "
           f"acc1 {test_stats[top]['test_acc1']:.2f} (train loss {train_stats[top]['train_loss']:.4f})", flush=True)
+
+
+def _attention_pictures(config, tokens_fn, probe_set, dataset_val, device, log):
+    """draw(epoch, iterations): the weights each attentive probe gives the patches of the first validation
+    images (Probe.attention_map), overlaid on them, one grid to the dashboards (nothing when no head has any)."""
+    few = torch.utils.data.Subset(dataset_val, range(min(dashboard.FIXED_IMAGES, len(dataset_val))))
+    loader = build_loader(few, len(few), train=False, num_workers=0, collate_fn=collate_fn(config.decoder))
+    images = device_images(next(iter(loader))[0], device)
+
+    def draw(epoch, iterations):
+        probe_set.eval()
+        with torch.no_grad():
+            batch = tokens_fn(images)
+            probe_set(batch)
+        maps = {name: head.attention_map.reshape(*head.attention_map.shape[:-1], *batch.grid)
+                for name, head in probe_set.probes.items() if head.attention_map is not None}
+        if maps:
+            log.epoch_image("attention/probes", dashboard.attention_grid(images, maps, scale=4), epoch, iterations)
+    return draw
 
 
 def _write_run_info(config, identity, classes, selection, fresh):

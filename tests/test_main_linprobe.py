@@ -444,7 +444,7 @@ def test_dashboards_tell_one_run_per_step_across_a_kill_and_two_resumes(tmp_path
     out = tmp_path / "run"
     args = [*DIGITS, "--cls_features", "cls,abmilp", "--blr", "20,50", "--train_per_class", "8", "--batch_size", "8",
             "--warmup_epochs", "1", "--knn", "--knn_k", "5", "--wandb", "--wandb_tags", "t1,t2",
-            "--output_dir", out]
+            "--log_images_every", "2", "--output_dir", out]
     dash_env = cli_env(OMP_NUM_THREADS=1, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=tmp_path)
     iters = 10  # 80 images, batch 8
     killed = subprocess.Popen([sys.executable, "main_linprobe.py", *map(str, args), "--epochs", "3"], cwd=ROOT,
@@ -478,6 +478,9 @@ def test_dashboards_tell_one_run_per_step_across_a_kill_and_two_resumes(tmp_path
         assert rows[step]["epoch"] == pytest.approx(step / iters)
         assert {"train/loss/cls_blr20", "train/lr/abmilp_blr50"} <= set(rows[step])
     assert rows[4 * iters - 1]["epoch_index"] == 3 and "test_acc1/abmilp_blr50" in rows[4 * iters - 1]
+    # attention pictures every 2 epochs and after each run's last: epochs 1, 2 (the end of --epochs 3) and 3
+    assert [step for step in steps if "attention/probes/_type" in rows[step]] == [2 * iters - 1, 3 * iters - 1,
+                                                                                    4 * iters - 1]
     config = {item.key: json.loads(item.value_json) for item in runs[-1].config.update}
     assert config["probes"][0]["name"] == "cls_blr20" and config["run.identity.nb_classes"] == 10
     assert config["run.train_images"] == 80 and config["run.val_images"] == 360 and config["schedule.epochs"] == 4
@@ -488,10 +491,14 @@ def test_dashboards_tell_one_run_per_step_across_a_kill_and_two_resumes(tmp_path
     assert summary["best_acc1/abmilp_blr50"] == pytest.approx(results[3]["best_acc1"], abs=1e-3)
     assert summary["best_epoch/abmilp_blr50"] == results[3]["best_epoch"] and "knn_acc1/knn_cls_k5_T0.07" in summary
 
-    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
     events.Reload()
     tb_steps = [e.step for e in events.Scalars("train/loss/abmilp_blr20")]
     assert tb_steps == [int((it / iters + epoch) * 1000) for epoch in range(4) for it in range(iters)]
     assert [e.step for e in events.Scalars("test_acc1/cls_blr50")] == [0, 1000, 2000, 3000]
+    pictures = events.Images("attention/probes")
+    assert [p.step for p in pictures] == [1000, 2000, 3000]
+    # rows: the images, then abmilp_blr20 and abmilp_blr50 ([cls] has no weights); 4 images of 32 px, x4
+    assert pictures[0].height > 3 * 4 * 32 and pictures[0].width > 4 * 4 * 32
     text = events.Tensors("results/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert "| knn_cls_k5_T0.07 | knn-cls |" in text
