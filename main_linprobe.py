@@ -347,16 +347,15 @@ def _attention_pictures(config, tokens_fn, probe_set, dataset_val, device, log):
     loader = build_loader(few, len(few), train=False, num_workers=0, collate_fn=collate_fn(config.decoder))
     images = device_images(next(iter(loader))[0], device)
 
-    def draw(epoch, iterations):
+    def grid():
         probe_set.eval()
         with torch.no_grad():
             batch = tokens_fn(images)
             probe_set(batch)
         maps = {name: head.attention_map.reshape(*head.attention_map.shape[:-1], *batch.grid)
                 for name, head in probe_set.probes.items() if head.attention_map is not None}
-        if maps:
-            log.epoch_image("attention/probes", dashboard.attention_grid(images, maps, scale=4), epoch, iterations)
-    return draw
+        return dashboard.attention_grid(images, maps, scale=4) if maps else None
+    return lambda epoch, iterations: log.picture("attention/probes", grid, epoch, iterations)
 
 
 def _write_run_info(config, identity, classes, selection, fresh):

@@ -166,17 +166,18 @@ def _plain_train_set(config):
 def _log_pictures(config, log, model, samples, history, epoch, iterations):
     """MAE's masked input / reconstruction / original of the fixed images (the same masks every time), and the
     loss per epoch so far."""
-    if samples is not None:
+    def reconstruction():
         model.eval()
         with torch.no_grad():
             images = samples.to(config.device)
             generator = torch.Generator(device=images.device).manual_seed(config.seed)
             _, pred, mask = model(images, generator=generator)
         model.train()
-        picture = dashboard.mae_reconstruction_grid(images, pred, mask, model.patch_size,
-                                                    norm_pix_loss=config.norm_pix_loss, scale=4)
-        log.epoch_image("pictures/reconstruction", picture, epoch, iterations)
-    log.epoch_image("pictures/loss_curve", dashboard.curve_picture(history, "train loss"), epoch, iterations)
+        return dashboard.mae_reconstruction_grid(images, pred, mask, model.patch_size,
+                                                 norm_pix_loss=config.norm_pix_loss, scale=4)
+    if samples is not None:
+        log.picture("pictures/reconstruction", reconstruction, epoch, iterations)
+    log.picture("pictures/loss_curve", lambda: dashboard.curve_picture(history, "train loss"), epoch, iterations)
 
 
 def build_train_set(config):

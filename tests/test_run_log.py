@@ -222,3 +222,27 @@ def test_a_failing_wandb_is_one_warning_and_the_run_goes_on(tmp_path, monkeypatc
     assert err == ["warning: wandb logging stopped (ConnectionError: wandb is unreachable); the run goes on, "
                    "log.txt and the checkpoints are kept"]
     assert _scalars(tmp_path / "tensorboard", "test_acc1/cls") == [(0, 1.0), (1000, 1.0)]
+
+
+def test_a_picture_that_fails_to_draw_is_one_warning_and_no_more_pictures(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    import numpy as np
+
+    log = RunLog(str(tmp_path))
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("CUDA out of memory")
+    for epoch in range(3):
+        log.picture("attention/probes", broken, epoch, 1)
+        log.picture("pictures/loss_curve", lambda: np.zeros((2, 2, 3), np.uint8), epoch, 1)
+        log.epoch({"test_acc1/cls": 1.0}, epoch, 1)
+    log.close()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == ["warning: dashboard pictures stopped (RuntimeError: CUDA out of memory); the run goes on"]
+    assert calls == [1]
+    assert _scalars(tmp_path / "tensorboard", "test_acc1/cls") == [(0, 1.0), (1000, 1.0), (2000, 1.0)]
+    disabled = RunLog(str(tmp_path / "other"), enabled=False)  # a non-main process draws nothing
+    disabled.picture("attention/probes", broken, 0, 1)
+    assert calls == [1]

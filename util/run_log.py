@@ -49,6 +49,7 @@ class RunLog:
         self._pending = {}  # wandb step -> row, sent by commit()
         self._defined = set()
         self._last_step = -1
+        self._no_pictures = False
         if not enabled:
             return
         config = _plain({**(settings or {}), **({"run": info} if info else {}), "versions": _versions()})
@@ -195,6 +196,21 @@ class RunLog:
                 row[tag] = wandb.Image(array)
                 row["epoch_index"] = epoch
             self._guard("wandb", held)
+
+    def picture(self, tag, draw, epoch, iterations):
+        """epoch_image(tag, draw(), ...): drawn only when a backend is on; a drawing that fails is one warning and
+        no more pictures, never a lost run."""
+        if self._no_pictures or (self.tb is None and self.wandb is None):
+            return
+        try:
+            picture = draw()
+        except Exception as err:
+            print(f"warning: dashboard pictures stopped ({type(err).__name__}: {err}); the run goes on",
+                  file=sys.stderr, flush=True)
+            self._no_pictures = True
+            return
+        if picture is not None:
+            self.epoch_image(tag, picture, epoch, iterations)
 
     def close(self):
         self.commit()
