@@ -82,6 +82,10 @@ def test_a_resumed_run_leaves_no_tensorboard_step_twice(tmp_path, monkeypatch):
     second.close()
     assert _scalars(tmp_path / "tensorboard", "train/loss/cls") == [(0, 1.0), (500, 1.0), (1000, 5.0), (1500, 5.0)]
     assert _scalars(tmp_path / "tensorboard", "test_acc1/cls") == [(0, 50.0), (1000, 60.0)]
+    fresh = RunLog(str(tmp_path))  # starting over (no checkpoint): nothing of the killed attempts stays visible
+    fresh.epoch({"test_acc1/cls": 70.0}, 0, 2)
+    fresh.close()
+    assert _scalars(tmp_path / "tensorboard", "test_acc1/cls") == [(0, 70.0)]
 
 
 def test_custom_scalars_draw_one_chart_per_head_with_a_line_per_lr(tmp_path, monkeypatch):

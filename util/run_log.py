@@ -2,7 +2,7 @@
 
 Two time axes, as MAE's logs: per iteration (`step`) and per epoch (`epoch`).
 - TensorBoard: MAE's epoch_1000x axis, int((iteration / iterations per epoch + epoch) * 1000) for iterations and
-  1000 * epoch for an epoch's values. A resumed run opens its writer with purge_step = 1000 * first epoch, so
+  1000 * epoch for an epoch's values. Every run opens its writer with purge_step = 1000 * its first epoch, so
   TensorBoard's reader drops whatever a killed run wrote from that point on: no step appears twice.
 - wandb: the global iteration (epoch * iterations per epoch + iteration) as wandb's step, with `epoch` (fractional)
   the x axis of iteration values and `epoch_index` that of epoch values (wandb.define_metric). wandb cannot take
@@ -54,14 +54,17 @@ class RunLog:
             return
         config = _plain({**(settings or {}), **({"run": info} if info else {}), "versions": _versions()})
         if tensorboard:
-            self._guard("tensorboard", self._start_tensorboard, resumed and start_epoch > 0, start_epoch, config)
+            self._guard("tensorboard", self._start_tensorboard, start_epoch, config)
         if wandb_requested(wandb):
             self.wandb = _start_wandb(self, output_dir, run_name, config, job_type, dashboard, resumed)
 
-    def _start_tensorboard(self, resumed, start_epoch, config):
+    def _start_tensorboard(self, start_epoch, config):
         from torch.utils.tensorboard import SummaryWriter
-        purge = epoch_1000x(start_epoch) if resumed else None
-        self.tb = SummaryWriter(log_dir=os.path.join(self.output_dir, "tensorboard"), purge_step=purge)
+        # Events of an earlier process at or after this run's first step (a killed attempt) are hidden by
+        # TensorBoard's reader; a fresh run (start 0) thus hides all of them (e.g. an epoch 0 killed before its log
+        # line, which leaves no log.txt for util.run_state.set_aside_old_log to set aside with its events).
+        self.tb = SummaryWriter(log_dir=os.path.join(self.output_dir, "tensorboard"),
+                                purge_step=epoch_1000x(start_epoch))
         self.tb.add_text("config", _markdown_json(config), 0)
 
     def layout(self, groups: dict):
