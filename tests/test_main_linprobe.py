@@ -502,3 +502,27 @@ def test_dashboards_tell_one_run_per_step_across_a_kill_and_two_resumes(tmp_path
     assert pictures[0].height > 3 * 4 * 32 and pictures[0].width > 4 * 4 * 32
     text = events.Tensors("results/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert "| knn_cls_k5_T0.07 | knn-cls |" in text
+
+
+def test_a_knn_only_run_has_job_type_knn_and_its_rows_in_the_summary_and_table(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from helpers import read_wandb_offline, wandb_record
+
+    out = tmp_path / "knn"
+    done = subprocess.run([sys.executable, "main_linprobe.py", *map(str, DIGITS), "--epochs", "0", "--knn",
+                           "--knn_k", "5,10", "--train_per_class", "8", "--wandb", "--output_dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=cli_env(OMP_NUM_THREADS=1, WANDB_MODE="offline", WANDB_SILENT="true",
+                                      WANDB_DIR=tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_wandb_offline(out)
+    assert [r.run.job_type for r in wandb_record(records, "run")] == ["knn"]
+    summary = {item.key: json.loads(item.value_json) for s in wandb_record(records, "summary")
+               for item in s.summary.update if item.key}
+    rows = json.loads((out / "results.json").read_text())
+    assert len(rows) == 4 and {f"knn_acc1/{r['probe']}": r["best_acc1"] for r in rows}.items() <= summary.items()
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    text = events.Tensors("results/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert all(f"| {r['probe']} | {r['head']} |" in text for r in rows)
