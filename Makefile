@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export MPLBACKEND := Agg
 
-.PHONY: venv lint test demo bench bench-loader pretrain pretrain-mae pretrain-mocov3 claims clean
+.PHONY: venv lint test demo bench bench-loader pretrain pretrain-mae pretrain-mocov3 claims dashboards clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ pretrain-mocov3: venv
 # Probing table and attention comparison of the shipped encoders vs a random one (README); about 10 minutes on one core.
 claims: venv
 	PY=$(PY) bash benchmarks/claims_in_miniature.sh
+
+# README's dashboard pictures (docs/dashboard_*.png) from the logs of a demo run, offline (a few minutes).
+dashboards: venv
+	$(PY) benchmarks/dashboard_pngs.py
 
 bench: venv
 	$(PY) benchmarks/bench_linprobe.py

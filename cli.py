@@ -112,10 +112,17 @@ def add_runtime_arguments(parser, *, amp_default, num_workers_default=8):
     parser.add_argument("--num_workers", type=int, default=num_workers_default, help="data loading processes")
 
 
-def add_logging_arguments(parser):
-    """--wandb, --run_name."""
+def add_logging_arguments(parser, *, images=False):
+    """--wandb, --run_name, --wandb_project/_entity/_group/_tags; `images`: --log_images_every."""
     parser.add_argument("--wandb", action="store_true", help="log to wandb (also on when WANDB_PROJECT is set)")
     parser.add_argument("--run_name", default=None, help="wandb run name (default: the output folder's name)")
+    parser.add_argument("--wandb_project", default=None, help="wandb project (default: $WANDB_PROJECT or beyond-cls)")
+    parser.add_argument("--wandb_entity", default=None, help="wandb team or user (default: wandb's own default)")
+    parser.add_argument("--wandb_group", default=None, help="wandb group (default: the output folder's name)")
+    parser.add_argument("--wandb_tags", default="", help="comma-separated wandb tags")
+    if images:
+        parser.add_argument("--log_images_every", type=int, default=10, metavar="N",
+                            help="pictures to the dashboards every N epochs and after the last (0: none)")
 
 
 def _report(line, rank_local):

@@ -55,6 +55,32 @@ def at_least(value, flag, minimum):
     return value
 
 
+@dataclass(frozen=True)
+class DashboardSpec:
+    """Where TensorBoard/wandb put a run (util/run_log.py) and how often pictures are drawn."""
+    project: Optional[str] = None
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: Tuple[str, ...] = ()
+    images_every: int = 0
+
+
+def resolve_dashboard(args):
+    """DashboardSpec from add_logging_arguments' flags (cli.py)."""
+    names = {flag: getattr(args, flag.lstrip("-").replace("-", "_"), None)
+             for flag in ("--wandb_project", "--wandb_entity", "--wandb_group")}
+    for flag, value in names.items():
+        require(value is None or (value.strip() and not re.search(r"[/\\#?%:]", value)),
+                f"--{flag.lstrip('-')} {value!r} is not a wandb name (pass letters, digits, '-', '_' or '.')")
+    tags = tuple(t.strip() for t in (getattr(args, "wandb_tags", "") or "").split(",") if t.strip())
+    for tag in tags:
+        require(len(tag) <= 64, f"--wandb_tags {tag!r} is longer than wandb's 64 characters (shorten it)")
+    every = getattr(args, "log_images_every", 0) or 0
+    at_least(every, "--log_images_every", 0)
+    return DashboardSpec(project=names["--wandb_project"], entity=names["--wandb_entity"],
+                         group=names["--wandb_group"], tags=tags, images_every=every)
+
+
 def resolve_device(text):
     """A device string torch understands and this machine has. Under a launcher every process takes
     cuda:LOCAL_RANK (util.dist.process_device), so an explicit index is refused there."""
@@ -184,6 +210,7 @@ class LinprobeConfig:
     affinity_hack: bool = False
     wandb: bool = False
     run_name: Optional[str] = None
+    dashboard: DashboardSpec = field(default_factory=DashboardSpec)
     version: int = field(default=CONFIG_VERSION)
 
     @property
@@ -344,7 +371,8 @@ def resolve_linprobe(args, world_size=1):
         cache_eval_gib=args.cache_eval_features, cache_train_gib=args.cache_train_features, decoder=args.decoder,
         compile=args.compile, knn=knn, train_subset=train_subset,
         num_workers=args.num_workers, pin_mem=args.pin_mem and is_cuda(device),
-        affinity_hack=args.dataloader_affinity_hack, wandb=args.wandb, run_name=args.run_name)
+        affinity_hack=args.dataloader_affinity_hack, wandb=args.wandb, run_name=args.run_name,
+        dashboard=resolve_dashboard(args))
 
 
 @dataclass(frozen=True)
@@ -364,6 +392,7 @@ class StatsConfig:
     tensorboard: bool
     wandb: bool
     run_name: Optional[str]
+    dashboard: DashboardSpec = field(default_factory=DashboardSpec)
 
     def to_dict(self):
         return asdict(self)
@@ -382,7 +411,7 @@ def resolve_stats(args):
                        amp=check_amp(args.amp, device), seed=args.seed, num_workers=args.num_workers,
                        output_dir=os.path.expanduser(args.output_dir), draw_2d_embeddings=args.draw_2d_embeddings,
                        skip_bad_images=args.skip_bad_images, tensorboard=args.tensorboard, wandb=args.wandb,
-                       run_name=args.run_name)
+                       run_name=args.run_name, dashboard=resolve_dashboard(args))
 
 
 # ------------------------------------------------------------------------------------------------ pretraining
@@ -439,6 +468,7 @@ class PretrainConfig:
     save_every: int
     wandb: bool
     run_name: Optional[str]
+    dashboard: DashboardSpec = field(default_factory=DashboardSpec)
 
     @property
     def schedule(self) -> WarmupCosine:
@@ -584,4 +614,4 @@ def resolve_pretrain(args):
         moco_mlp_dim=args.moco_mlp_dim, moco_t=args.moco_t, moco_m=args.moco_m, data_path=str(args.data_path),
         num_workers=args.num_workers, device=device, output_dir=output_dir, resume=resume,
         release_path=release_path, release_fp16=args.release_fp16, save_every=args.save_every, wandb=args.wandb,
-        run_name=args.run_name)
+        run_name=args.run_name, dashboard=resolve_dashboard(args))

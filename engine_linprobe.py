@@ -207,23 +207,26 @@ class ProbeMeters:
 
 
 def _check_finite(iteration, losses, names, epoch):
-    """Mean loss of a step, or NonFiniteLoss on every rank at once (a lone rank stopping would hang the others).
+    """Each probe's loss of a step averaged over processes, or NonFiniteLoss on every rank at once (a lone rank
+    stopping would hang the others); one all-reduce carries both.
 
     Called one step late, after the next forward is queued, so the GPU never waits for this host sync.
     """
     finite = torch.isfinite(losses)
-    all_finite = dist.all_reduce_sum((~finite).sum().float().reshape(1)).item() == 0
-    if not all_finite:
+    summed = dist.all_reduce_sum(torch.cat([(~finite).sum().float().reshape(1), losses.float()]))
+    if summed[0].item() != 0:
         bad = [name for name, ok in zip(names, finite.tolist()) if not ok] or ["(on another process)"]
         raise NonFiniteLoss(f"non-finite loss of probe {', '.join(bad)} at epoch {epoch} iteration {iteration}")
-    return losses.mean().item()
+    return summed[1:] / dist.world_size()
 
 
 def train_one_epoch(tokens_fn: Optional[Callable[..., TokenBatch]], probes: nn.Module, loader: Iterable,
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int, *,
                     schedule: WarmupCosine, device: Union[str, torch.device], amp: str = "none",
-                    accum_iter: int = 1) -> Tuple[dict, float]:
+                    accum_iter: int = 1, on_step: Optional[Callable[..., None]] = None) -> Tuple[dict, float]:
     """One pass over the training set; returns ({probe: {train_loss, train_acc1, train_acc5, lr}}, img/s).
+
+    on_step(iteration, {probe: loss averaged over processes}, {probe: lr}): called for every iteration (one late).
 
     scaler: a torch.amp.GradScaler, enabled for float16 autocast only.
 
@@ -245,7 +248,10 @@ def train_one_epoch(tokens_fn: Optional[Callable[..., TokenBatch]], probes: nn.M
         targets = targets.to(device, non_blocking=True)
         batch = tokens_fn(images)
         if previous is not None:
-            mean_loss = _check_finite(*previous, inner.names, epoch)
+            step_losses = _check_finite(*previous[:2], inner.names, epoch)
+            mean_loss = step_losses.mean().item()
+            if on_step is not None:
+                on_step(previous[0], dict(zip(inner.names, step_losses.tolist())), previous[2])
             if dist.is_main():
                 imgs = seen * dist.world_size() / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
@@ -264,10 +270,13 @@ def train_one_epoch(tokens_fn: Optional[Callable[..., TokenBatch]], probes: nn.M
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
         meters.update(logits, targets, losses)
-        previous = (it, torch.stack([loss.detach() for loss in losses.values()]))
+        previous = (it, torch.stack([loss.detach() for loss in losses.values()]),
+                    {group["probe"]: group["lr"] for group in optimizer.param_groups})
         seen += len(targets)
     if previous is not None:
-        _check_finite(*previous, inner.names, epoch)
+        step_losses = _check_finite(*previous[:2], inner.names, epoch)
+        if on_step is not None:
+            on_step(previous[0], dict(zip(inner.names, step_losses.tolist())), previous[2])
     optimizer.zero_grad(set_to_none=True)  # a partial accumulation group is dropped, not carried over
     elapsed = time.perf_counter() - start
     stats = meters.result("train")

@@ -72,6 +72,6 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         total += value * batch
         count += batch
         bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", refresh=False)
-        log.scalars({"train/loss_step": value, "train/lr": lr}, epoch * steps + step)
+        log.step({"train/loss_step": value, "train/lr": lr}, epoch, step, steps)
     seconds = time.time() - start
     return {"train_loss": total / max(count, 1), "lr": lr, "img/s": count / max(seconds, 1e-9), "seconds": seconds}

@@ -211,16 +211,21 @@ def compare_runs(runs, output_dir):
     print(f"wrote {len(metrics)} comparison plots of {len(runs)} runs to {output_dir}")
 
 
-def log_to_dashboards(config, results, metrics, pngs):
+def log_to_dashboards(config, results, metrics, pngs, metadata=None):
+    """Per-block values (x: the block), the table of attention_stats.csv and every figure, to TensorBoard
+    (--tensorboard) and wandb."""
     from util.run_log import RunLog, wandb_requested
 
     if not (config.tensorboard or wandb_requested(config.wandb)):
         return
 
-    log = RunLog(config.output_dir, settings=config.to_dict(), wandb=config.wandb, run_name=config.run_name,
-                 tensorboard=config.tensorboard)
+    log = RunLog(config.output_dir, settings=config.to_dict(), info=metadata, wandb=config.wandb,
+                 run_name=config.run_name, tensorboard=config.tensorboard, job_type="attention_stats",
+                 dashboard=config.dashboard)
     for block, row in results.items():
         log.scalars({f"attention_stats/{m}": row[m] for m in metrics}, step=block)
+    log.table("attention_stats/table", [{"block": block, **{m: row[m] for m in metrics}}
+                                        for block, row in results.items()])
     for png in pngs:
         log.image(f"attention_stats/{png.stem}", str(png))
     log.close()
@@ -293,7 +298,7 @@ def attention_stats(config, output_dir):
     if embeddings is not None:
         pngs += draw_tsne(output_dir, embeddings, dataset.classes, config.seed, has_cls)
     record_outputs(output_dir, MEASURE, [output_dir / CSV_NAME, output_dir / JSON_NAME, *pngs])
-    log_to_dashboards(config, results, metrics, pngs)
+    log_to_dashboards(config, results, metrics, pngs, metadata)
     print(f"{stats.images} images of {data_source(config.data_path)} in {seconds:.1f}s "
           f"({stats.images / max(seconds, 1e-9):.1f} img/s); "
           f"wrote {CSV_NAME}, {JSON_NAME} and {len(pngs)} plots to {output_dir}")

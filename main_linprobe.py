@@ -7,6 +7,7 @@ The command line is read here only: `resolve_linprobe` turns it into one frozen 
 nothing else. Library exceptions a user can cause become one `error:` line at the calls below.
 """
 import argparse
+import json
 import math
 import os
 import sys
@@ -31,7 +32,7 @@ from cli import run as run_cli
 from config import CLS_REMEDY, resolve_linprobe
 from heads import HEADS, HeadOptions, NoClsToken, require_cls_token
 from models_vit import build_encoder
-from util import dist
+from util import dashboard, dist
 from util.checkpoint import UnsafeCheckpoint
 from util.data import (
     TORCHVISION_SETS,
@@ -41,7 +42,7 @@ from util.data import (
     build_loader,
     data_source,
 )
-from util.decode import DECODERS, collate_fn
+from util.decode import DECODERS, collate_fn, device_images
 from util.errors import UserError, user_errors
 from util.images import BadImageError
 from util.knn import knn_rows
@@ -50,6 +51,7 @@ from util.run_log import RunLog
 from util.run_state import (
     BEST,
     LAST,
+    RESULTS,
     IdentityMismatch,
     RunState,
     experiment_identity,
@@ -133,7 +135,7 @@ def get_args_parser():
                    help="let data workers use every core (undoes CPU pinning inherited from the launcher)")
     d.add_argument("--output_dir", default="./output_dir")
     d.add_argument("--suffix", default="", help="appended to --output_dir (one folder per variant)")
-    add_logging_arguments(d)
+    add_logging_arguments(d, images=True)
     return p
 
 
@@ -277,7 +279,13 @@ def _run_locked(config, device):
     knn = (_knn(config, encoder, nb_classes, device, dataset_train, dataset_val, caches=(train_cache, cache))
            if config.knn is not None else [])
     log = RunLog(config.output_dir, settings=config.to_dict(), wandb=config.wandb, run_name=config.run_name,
-                 enabled=dist.is_main())
+                 enabled=dist.is_main(), job_type="linprobe" if config.epochs else "knn", dashboard=config.dashboard,
+                 resumed=state.resumed_from is not None, start_epoch=state.start_epoch,
+                 info=dict(identity=identity, train_images=len(dataset_train), val_images=len(dataset_val),
+                           world_size=dist.world_size(), effective_batch=config.effective_batch))
+    log.layout({head: [p.name for p in config.probes if p.head == head] for head in config.heads})
+    draw = (_attention_pictures(config, tokens_fn, probe_set, dataset_val, device, log)
+            if dist.is_main() and config.dashboard.images_every else None)
     if dist.is_main():
         counts = (f"{len(probe_set.names)} probe(s) on {len(dataset_train)} images, validating on "
                   f"{len(dataset_val)}, {nb_classes} classes")
@@ -291,14 +299,17 @@ def _run_locked(config, device):
             t0 = time.time()
             with bad_images_reported(DATA_REMEDIES[BadImageError], rank_local=True):
                 train_stats, imgs_per_s = _train_epoch(config, train_tokens, model, loader_train, optimizer, scaler,
-                                                       epoch, device)
+                                                       epoch, device, log)
                 test_stats = engine.evaluate(tokens_fn, model, loader_val, device=device, amp=config.amp,
                                              cache=cache)
             improved = state.track(probe_set, test_stats, epoch)
             # a failed save stops every process, not only the main one
-            dist.on_main(_end_epoch, config, log, state, (probe_set, optimizer, scaler), epoch, improved,
-                         (train_stats, test_stats, imgs_per_s, time.time() - t0), share_result=False)
+            dist.on_main(_end_epoch, config, log, state, (probe_set, optimizer, scaler, draw), epoch, improved,
+                         (train_stats, test_stats, imgs_per_s, time.time() - t0, len(loader_train)),
+                         share_result=False)
             last_saved = epoch
+        _warn_skipped_images(dataset_train, dataset_val, device)
+        dist.on_main(_write_results, config, state, knn, log)
     except KeyboardInterrupt:
         saved = (f"{Path(config.output_dir) / LAST} holds epoch {last_saved}" if last_saved >= 0
                  else "no epoch finished")
@@ -306,8 +317,6 @@ def _run_locked(config, device):
     finally:
         log.close()
 
-    _warn_skipped_images(dataset_train, dataset_val, device)
-    dist.on_main(_write_results, config, state, knn)
     if dist.is_main():
         top = max(state.best, key=lambda n: state.best[n]["acc1"])
         if state.best[top]["epoch"] >= 0:
@@ -317,14 +326,35 @@ def _run_locked(config, device):
 
 def _end_epoch(config, log, state, trained, epoch, improved, stats):
     """On the main process: the epoch's log line, then its checkpoint, then one line on stdout."""
-    probe_set, optimizer, scaler = trained
-    train_stats, test_stats, imgs_per_s, seconds = stats
-    _log_epoch(log, epoch, train_stats, test_stats, imgs_per_s, probe_set.names)  # before the checkpoint
+    probe_set, optimizer, scaler, draw = trained
+    train_stats, test_stats, imgs_per_s, seconds, iterations = stats
+    _log_epoch(log, epoch, train_stats, test_stats, imgs_per_s, probe_set.names, iterations)  # before the checkpoint
     with user_errors(SAVE_REMEDIES):
         state.save(epoch, probe_set, optimizer, scaler, improved, config.to_dict())
+    if draw is not None and dashboard.pictures_due(epoch, config.dashboard.images_every, config.epochs):
+        draw(epoch, iterations)
+    log.commit()  # wandb's rows only now: a resumed run never sends an epoch twice
     top = max(probe_set.names, key=lambda n: test_stats[n]["test_acc1"])
     print(f"epoch {epoch}: {seconds:.1f}s, {imgs_per_s:.0f} img/s, best head now {top} "
           f"acc1 {test_stats[top]['test_acc1']:.2f} (train loss {train_stats[top]['train_loss']:.4f})", flush=True)
+
+
+def _attention_pictures(config, tokens_fn, probe_set, dataset_val, device, log):
+    """draw(epoch, iterations): the weights each attentive probe gives the patches of the first validation
+    images (Probe.attention_map), overlaid on them, one grid to the dashboards (nothing when no head has any)."""
+    few = torch.utils.data.Subset(dataset_val, range(min(dashboard.FIXED_IMAGES, len(dataset_val))))
+    loader = build_loader(few, len(few), train=False, num_workers=0, collate_fn=collate_fn(config.decoder))
+    images = device_images(next(iter(loader))[0], device)
+
+    def grid():
+        probe_set.eval()
+        with torch.no_grad():
+            batch = tokens_fn(images)
+            probe_set(batch)
+        maps = {name: head.attention_map.reshape(*head.attention_map.shape[:-1], *batch.grid)
+                for name, head in probe_set.probes.items() if head.attention_map is not None}
+        return dashboard.attention_grid(images, maps, scale=4) if maps else None
+    return lambda epoch, iterations: log.picture("attention/probes", grid, epoch, iterations)
 
 
 def _write_run_info(config, identity, classes, selection, fresh):
@@ -339,9 +369,19 @@ def _write_run_info(config, identity, classes, selection, fresh):
                        selection=selection)
 
 
-def _write_results(config, state, knn):
+def _write_results(config, state, knn, log):
+    """results.md / results.json, then the same rows to the dashboards: best acc1, its epoch and lr per probe as
+    the run's summary, the whole table (k-NN rows included) as a table."""
     with user_errors(SAVE_REMEDIES):
         print(write_results(config.output_dir, config.probes, state.best, knn))
+    summary = {}
+    for p in config.probes:
+        if state.best[p.name]["epoch"] >= 0:
+            summary.update({f"best_acc1/{p.name}": state.best[p.name]["acc1"],
+                            f"best_epoch/{p.name}": state.best[p.name]["epoch"], f"lr/{p.name}": p.lr})
+    summary.update({f"knn_acc1/{row['probe']}": row["best_acc1"] for row in knn})
+    log.summary(summary)
+    log.table("results", json.loads((Path(config.output_dir) / RESULTS).read_text()))
 
 
 def _eval_cache(config, probe_set, encoder, oracle, dataset_val, device):
@@ -421,10 +461,15 @@ def _report_subset(selection, classes, shown=20):
               file=sys.stderr, flush=True)
 
 
-def _train_epoch(config, tokens_fn, model, loader, optimizer, scaler, epoch, device):
+def _train_epoch(config, tokens_fn, model, loader, optimizer, scaler, epoch, device, log):
+    def on_step(iteration, losses, lrs):  # one panel per head, one line per lr (RunLog.layout)
+        values = {f"train/loss/{name}": loss for name, loss in losses.items()}
+        values.update({f"train/lr/{name}": lr for name, lr in lrs.items()})
+        log.step(values, epoch, iteration, len(loader))
+
     try:
         return engine.train_one_epoch(tokens_fn, model, loader, optimizer, scaler, epoch, schedule=config.schedule,
-                                      device=device, amp=config.amp, accum_iter=config.accum_iter)
+                                      device=device, amp=config.amp, accum_iter=config.accum_iter, on_step=on_step)
     except engine.NonFiniteLoss as err:
         raise UserError(f"{err}; stopped, the last good checkpoint is kept (start again with a lower --blr/--lr "
                         "in a new --output_dir)") from None
@@ -521,7 +566,7 @@ def _warn_skipped_images(dataset_train, dataset_val, device):
               file=sys.stderr)
 
 
-def _log_epoch(log, epoch, train_stats, test_stats, imgs_per_s, names):
+def _log_epoch(log, epoch, train_stats, test_stats, imgs_per_s, names, iterations):
     record = {"epoch": epoch, "img/s": imgs_per_s}
     if len(names) == 1:  # a single probe keeps MAE's flat log.txt keys
         record.update(train_stats[names[0]])
@@ -533,7 +578,7 @@ def _log_epoch(log, epoch, train_stats, test_stats, imgs_per_s, names):
     for n in names:
         for key, value in {**train_stats[n], **test_stats[n]}.items():
             scalars[f"{key}/{n}"] = value
-    log.scalars(scalars, epoch)
+    log.epoch(scalars, epoch, iterations)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from cli import (
 from cli import run as run_cli
 from config import PRETRAIN_RECIPES, resolve_export, resolve_pretrain
 from models_vit import architecture
+from util import dashboard
 from util.checkpoint import load_checkpoint, save_atomic
 from util.data import build_dataset, build_loader
 from util.dist import is_cuda
@@ -101,7 +102,7 @@ def get_args_parser():
     o.add_argument("--export", default="", metavar="CKPT",
                    help="only write the release file of CKPT (a checkpoint of this script) to --release_path")
     o.add_argument("--save_every", type=int, default=0, help="also keep checkpoint-<epoch>.pth every N epochs")
-    add_logging_arguments(o)
+    add_logging_arguments(o, images=True)
     return p
 
 
@@ -157,6 +158,29 @@ def pretrain_transform(method, input_size, crop_min):
         return mae_transform(input_size, crop_min)
     return TwoCrops(moco_crop_transform(input_size, crop_min, 1.0, 0.0),
                     moco_crop_transform(input_size, crop_min, 0.1, 0.2))
+
+
+def _plain_train_set(config):
+    """The training images without augmentation (the fixed images of the reconstruction pictures)."""
+    with user_errors(DATA_REMEDIES):
+        return build_dataset(config.data_path, "train", config.input_size, augment=False)
+
+
+def _log_pictures(config, log, model, samples, history, epoch, iterations):
+    """MAE's masked input / reconstruction / original of the fixed images (the same masks every time), and the
+    loss per epoch so far."""
+    def reconstruction():
+        model.eval()
+        with torch.no_grad():
+            images = samples.to(config.device)
+            generator = torch.Generator(device=images.device).manual_seed(config.seed)
+            _, pred, mask = model(images, generator=generator)
+        model.train()
+        return dashboard.mae_reconstruction_grid(images, pred, mask, model.patch_size,
+                                                 norm_pix_loss=config.norm_pix_loss, scale=4)
+    if samples is not None:
+        log.picture("pictures/reconstruction", reconstruction, epoch, iterations)
+    log.picture("pictures/loss_curve", lambda: dashboard.curve_picture(history, "train loss"), epoch, iterations)
 
 
 def build_train_set(config):
@@ -291,7 +315,11 @@ def pretrain(config):
           f"{len(dataset)} images of {config.data_path}, batch {config.batch_size}, lr {config.peak_lr:.3g}, "
           f"{config.epochs} epochs, {params / 1e6:.2f}M trained parameters", flush=True)
 
-    log = RunLog(config.output_dir, settings=config.to_dict(), wandb=config.wandb, run_name=config.run_name)
+    log = RunLog(config.output_dir, settings=config.to_dict(), wandb=config.wandb, run_name=config.run_name,
+                 job_type="pretrain", dashboard=config.dashboard, resumed=resumed is not None, start_epoch=start_epoch,
+                 info=dict(identity=identity, train_images=len(dataset), trained_parameters=params))
+    samples = (dashboard.fixed_images(_plain_train_set(config))
+               if config.method == "mae" and config.dashboard.images_every else None)
     started = time.time()
     ckpt = None
     try:
@@ -302,12 +330,15 @@ def pretrain(config):
                 history.append(round(stats["train_loss"], 6))
                 # logged before the checkpoint: a kill in between leaves a line that the resumed run trims
                 log.line({"epoch": epoch, **{k: round(v, 6) for k, v in stats.items()}})
-                log.scalars({"train/loss": stats["train_loss"], "perf/img_per_s": stats["img/s"]}, epoch)
+                log.epoch({"train/loss": stats["train_loss"], "perf/img_per_s": stats["img/s"]}, epoch, len(loader))
                 ckpt = training_checkpoint(config, identity, model, optimizer, epoch, history)
                 with user_errors(SAVE_REMEDIES):
                     save_atomic(ckpt, os.path.join(config.output_dir, LAST))
                     if config.save_every and (epoch + 1) % config.save_every == 0:
                         save_atomic(ckpt, os.path.join(config.output_dir, f"checkpoint-{epoch}.pth"))
+                if dashboard.pictures_due(epoch, config.dashboard.images_every, config.epochs):
+                    _log_pictures(config, log, model, samples, history, epoch, len(loader))
+                log.commit()  # wandb's rows after the checkpoint: a resumed run never sends an epoch twice
                 print(f"epoch {epoch}: loss {stats['train_loss']:.4f}, lr {stats['lr']:.3g}, "
                       f"{stats['seconds']:.1f}s ({stats['img/s']:.0f} img/s)", flush=True)
     finally:

@@ -190,3 +190,57 @@ def assert_user_error(completed, *fragments, progress_allowed=False, allowed_lin
         with open(os.environ["BEYOND_CLS_MESSAGE_LOG"], "a") as f:
             f.write(message + "\n")
     return message
+
+
+# ---------------------------------------------------------------------------------------------- dashboards
+
+def read_wandb_offline(folder):
+    """Every record of the offline wandb runs under `folder` (wandb/offline-run-*/run-*.wandb, oldest first) as
+    [(run directory name, wandb_internal_pb2.Record)]. wandb has no public reader of these files: each starts
+    with a 7-byte header, then LevelDB's log format (32 KiB blocks; a record header is crc32c u32, length u16 LE,
+    type u8: 1 FULL, 2 FIRST, 3 MIDDLE, 4 LAST; a block tail under 7 bytes is padding)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    records = []
+    for path in sorted(Path(folder).glob("**/wandb/offline-run-*/run-*.wandb")):
+        data = path.read_bytes()
+        block, payload, pos = 32768, b"", 7  # blocks count from the file's start, header included
+        while pos + 7 <= len(data):
+            left = block - pos % block
+            if left < 7:  # padding at the block's end
+                pos += left
+                continue
+            _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if pos + 7 + length > len(data):  # the tail a killed run left half written
+                break
+            chunk = data[pos + 7:pos + 7 + length]
+            pos += 7 + length
+            if kind == 0 and length == 0:  # zero fill
+                continue
+            payload = chunk if kind in (1, 2) else payload + chunk
+            if kind in (1, 4):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(payload)
+                records.append((path.parent.name, record))
+                payload = b""
+    return records
+
+
+def wandb_history(records):
+    """[(step, {key: value})] of the history records (nested keys joined with '/')."""
+    import json
+
+    rows = []
+    for _, record in records:
+        if record.WhichOneof("record_type") == "history":
+            items = {(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
+                     for item in record.history.item}
+            rows.append((record.history.step.num, items))
+    return rows
+
+
+def wandb_record(records, kind):
+    """The records of one type ('run', 'summary', 'config', ...)."""
+    return [record for _, record in records if record.WhichOneof("record_type") == kind]

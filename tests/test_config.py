@@ -102,3 +102,27 @@ def test_heads_reading_blocks_ask_for_as_many_as_the_widest():
     assert resolve("--cls_features", "dinov2_n1,dinov2_n4_avgpool").needs_blocks == 4
     assert resolve("--cls_features", "dinov2_n4", "--return_block", "3").needs_blocks == 4
     assert resolve("--cls_features", "dinov2_n1", "--return_block", "-12").needs_blocks == 1
+
+
+# ------------------------------------------------------------------------------------------------ dashboards
+
+def test_dashboard_flags_resolve_into_the_config():
+    from config import DashboardSpec
+    assert resolve().dashboard == DashboardSpec(images_every=10)
+    config = resolve("--wandb_project", "probes", "--wandb_entity", "lab", "--wandb_group", "mae-in1k",
+                     "--wandb_tags", "mae, sweep,,", "--log_images_every", "0")
+    assert config.dashboard == DashboardSpec("probes", "lab", "mae-in1k", ("mae", "sweep"), 0)
+    assert config.to_dict()["dashboard"]["tags"] == ("mae", "sweep")
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--log_images_every", "-1"], ["--log_images_every -1", "at least 0"]),
+    (["--wandb_project", "a/b"], ["--wandb_project 'a/b'", "not a wandb name"]),
+    (["--wandb_group", " "], ["--wandb_group ' '", "not a wandb name"]),
+    (["--wandb_tags", "x" * 65], ["--wandb_tags", "64 characters"]),
+])
+def test_bad_dashboard_flags_are_one_line_user_errors(flags, fragments):
+    with pytest.raises(UserError) as info:
+        resolve(*flags)
+    for fragment in fragments:
+        assert fragment in str(info.value)

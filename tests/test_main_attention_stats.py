@@ -6,11 +6,13 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import main_attention_stats
 from helpers import ROOT
@@ -93,7 +95,13 @@ def test_cli_writes_every_file_and_keeps_other_files(tmp_path):
                                                      "tsne_tokens.png"]
     for name in pngs:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "tensors": 0, "scalars": 0})
+    events.Reload()  # every figure and the table in TensorBoard too, not only in wandb
+    assert sorted(events.Tags()["images"]) == sorted(f"attention_stats/{Path(name).stem}" for name in pngs)
+    table = events.Tensors("attention_stats/table/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert table.splitlines()[0] == "| block | " + " | ".join(CLS_NAMES) + " |"
+    assert len(table.splitlines()) == 2 + DEPTH
+    assert [e.step for e in events.Scalars("attention_stats/nmi")] == list(range(DEPTH))
     assert (out / "notes.txt").read_text() == "mine"
 
 

@@ -424,3 +424,105 @@ def test_cached_no_augment_run_trains_the_heads_of_an_uncached_one(tmp_path):
     drop_speed = lambda line: {k: v for k, v in line.items() if k != "img/s"}  # noqa: E731
     assert ([drop_speed(line) for line in log_lines(tmp_path / "plain")]
             == [drop_speed(line) for line in log_lines(tmp_path / "cached")])
+
+
+# ------------------------------------------------------------------------------------------------ dashboards
+
+def test_dashboards_tell_one_run_per_step_across_a_kill_and_two_resumes(tmp_path):
+    """A run killed (-9) mid-run, resumed by the same command, then continued by an explicit --resume with one
+    more epoch: one wandb run (the same id in each process's offline files), every iteration once and in order in
+    wandb and TensorBoard, per-iteration loss and lr of each probe, the summary, the results table and the config,
+    read back with wandb's records and TensorBoard's EventAccumulator."""
+    import os
+    import signal
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from helpers import read_wandb_offline, wandb_history, wandb_record
+
+    out = tmp_path / "run"
+    args = [*DIGITS, "--cls_features", "cls,abmilp", "--blr", "20,50", "--train_per_class", "8", "--batch_size", "8",
+            "--warmup_epochs", "1", "--knn", "--knn_k", "5", "--wandb", "--wandb_tags", "t1,t2",
+            "--log_images_every", "2", "--output_dir", out]
+    dash_env = cli_env(OMP_NUM_THREADS=1, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=tmp_path)
+    iters = 10  # 80 images, batch 8
+    killed = subprocess.Popen([sys.executable, "main_linprobe.py", *map(str, args), "--epochs", "3"], cwd=ROOT,
+                              env=dash_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and killed.poll() is None and not (
+            (out / "log.txt").exists() and len((out / "log.txt").read_text().splitlines()) >= 1):
+        time.sleep(0.05)
+    time.sleep(0.5)  # into epoch 1
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert (out / "checkpoint-last.pth").exists() and killed.returncode == -signal.SIGKILL
+    for extra in (["--epochs", "3"], ["--epochs", "4", "--resume", out / "checkpoint-last.pth"]):
+        done = subprocess.run([sys.executable, "main_linprobe.py", *map(str, args), *extra], cwd=ROOT, env=dash_env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "resumed 4 probe(s)" in done.stdout and "warning" not in done.stderr
+
+    records = read_wandb_offline(out)
+    runs = [r.run for r in wandb_record(records, "run")]
+    # the killed process's wandb service dies with it, before writing its offline file (wandb's own buffering)
+    assert len(list(out.glob("wandb/offline-run-*"))) == 3 and len(runs) >= 2
+    assert {r.run_id for r in runs} == {json.loads((out / "dashboard.json").read_text())["wandb_id"]}
+    assert {(r.job_type, r.run_group, tuple(r.tags)) for r in runs} == {("linprobe", "run", ("t1", "t2"))}
+    history = wandb_history(records)
+    steps = [step for step, _ in history]
+    assert steps == sorted(set(steps)), steps  # rising, none twice
+    rows = dict(history)
+    assert set(range(iters, 4 * iters)) <= set(steps)  # epochs 1..3 (epoch 0 unless the kill cut its sending)
+    for step in range(iters, 4 * iters):
+        assert rows[step]["epoch"] == pytest.approx(step / iters)
+        assert {"train/loss/cls_blr20", "train/lr/abmilp_blr50"} <= set(rows[step])
+    assert rows[4 * iters - 1]["epoch_index"] == 3 and "test_acc1/abmilp_blr50" in rows[4 * iters - 1]
+    # attention pictures every 2 epochs and after each run's last: epochs 1, 2 (the end of --epochs 3) and 3
+    assert [step for step in steps if "attention/probes/_type" in rows[step]] == [2 * iters - 1, 3 * iters - 1,
+                                                                                    4 * iters - 1]
+    config = {item.key: json.loads(item.value_json) for item in runs[-1].config.update}
+    assert config["probes"][0]["name"] == "cls_blr20" and config["run.identity.nb_classes"] == 10
+    assert config["run.train_images"] == 80 and config["run.val_images"] == 360 and config["schedule.epochs"] == 4
+    assert isinstance(config["run.identity.classes"], list) and config["dashboard.tags"] == ["t1", "t2"]
+    summary = {item.key: json.loads(item.value_json) for s in wandb_record(records, "summary")
+               for item in s.summary.update if item.key}
+    results = json.loads((out / "results.json").read_text())
+    assert summary["best_acc1/abmilp_blr50"] == pytest.approx(results[3]["best_acc1"], abs=1e-3)
+    assert summary["best_epoch/abmilp_blr50"] == results[3]["best_epoch"] and "knn_acc1/knn_cls_k5_T0.07" in summary
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
+    events.Reload()
+    tb_steps = [e.step for e in events.Scalars("train/loss/abmilp_blr20")]
+    assert tb_steps == [int((it / iters + epoch) * 1000) for epoch in range(4) for it in range(iters)]
+    assert [e.step for e in events.Scalars("test_acc1/cls_blr50")] == [0, 1000, 2000, 3000]
+    pictures = events.Images("attention/probes")
+    assert [p.step for p in pictures] == [1000, 2000, 3000]
+    # rows: the images, then abmilp_blr20 and abmilp_blr50 ([cls] has no weights); 4 images of 32 px, x4
+    assert pictures[0].height > 3 * 4 * 32 and pictures[0].width > 4 * 4 * 32
+    text = events.Tensors("results/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "| knn_cls_k5_T0.07 | knn-cls |" in text
+
+
+def test_a_knn_only_run_has_job_type_knn_and_its_rows_in_the_summary_and_table(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from helpers import read_wandb_offline, wandb_record
+
+    out = tmp_path / "knn"
+    done = subprocess.run([sys.executable, "main_linprobe.py", *map(str, DIGITS), "--epochs", "0", "--knn",
+                           "--knn_k", "5,10", "--train_per_class", "8", "--wandb", "--output_dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=cli_env(OMP_NUM_THREADS=1, WANDB_MODE="offline", WANDB_SILENT="true",
+                                      WANDB_DIR=tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_wandb_offline(out)
+    assert [r.run.job_type for r in wandb_record(records, "run")] == ["knn"]
+    summary = {item.key: json.loads(item.value_json) for s in wandb_record(records, "summary")
+               for item in s.summary.update if item.key}
+    rows = json.loads((out / "results.json").read_text())
+    assert len(rows) == 4 and {f"knn_acc1/{r['probe']}": r["best_acc1"] for r in rows}.items() <= summary.items()
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    text = events.Tensors("results/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert all(f"| {r['probe']} | {r['head']} |" in text for r in rows)

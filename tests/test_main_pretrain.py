@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -466,3 +467,34 @@ def test_resume_and_export_never_run_code_from_a_checkpoint(two_epochs, clutter,
     exported = cli("--export", evil, "--release_path", tmp_path / "release.pth")
     assert_user_error(exported, str(evil), "asks to run subprocess.call")
     assert not marker.exists() and not (tmp_path / "release.pth").exists()
+
+
+# ------------------------------------------------------------------------------------------------ dashboards
+
+def test_reconstructions_loss_curve_and_per_iteration_loss_reach_tensorboard(tmp_path, clutter):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from util.data import build_dataset
+    from util.plots import denormalize
+
+    out = tmp_path / "out"
+    train("--method", "mae", "--data_path", clutter, *TINY, "--max_images", "64", "--log_images_every", "1",
+          "--output_dir", out)
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss_step")] == [0, 500, 1000, 1500]  # MAE's epoch_1000x
+    assert [e.step for e in events.Scalars("train/loss")] == [0, 1000]
+    assert [e.step for e in events.Images("pictures/loss_curve")] == [0, 1000]
+    pictures = events.Images("pictures/reconstruction")
+    assert [p.step for p in pictures] == [0, 1000]
+    from PIL import Image
+    grid = np.asarray(Image.open(io.BytesIO(pictures[-1].encoded_image_string)).convert("RGB"))
+    scale, size = 4, 32
+    assert grid.shape == (4 * (size + 2) * scale - 2 * scale, 3 * (size + 2) * scale - 2 * scale, 3)
+    # the third column shows the first training images as the val transform gives them (the same every epoch)
+    plain = build_dataset(clutter, "train", 32, augment=False)
+    for row in range(4):
+        top, left = row * (size + 2) * scale, 2 * (size + 2) * scale
+        shown = grid[top:top + size * scale:scale, left:left + size * scale:scale]
+        expected = (denormalize(plain[row][0][None]) * 255 + 0.5).astype(np.uint8)[0]
+        assert np.array_equal(shown, expected)
