@@ -26,6 +26,16 @@ def test_subset_flags_resolve_with_their_seed(tmp_path):
     assert config.to_dict()["train_subset"] == {"kind": LIST, "value": str(listed), "seed": None}
 
 
+def _assert_one_line_error(flags, fragments):
+    """`flags` are refused with one line `<problem> (<what to do>)` holding every fragment."""
+    with pytest.raises(UserError) as info:
+        resolve(*flags)
+    message = str(info.value)
+    assert "\n" not in message and message.endswith(")") and " (" in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
 @pytest.mark.parametrize("flags, fragments", [
     (["--train_per_class", "0"], ["--train_per_class 0", "at least 1"]),
     (["--train_fraction", "0"], ["--train_fraction 0", "greater than 0"]),
@@ -37,12 +47,7 @@ def test_subset_flags_resolve_with_their_seed(tmp_path):
     (["--train_per_class", "2", "--subset_seed", "-1"], ["--subset_seed -1", "out of range"]),
 ])
 def test_bad_subset_flags_are_one_line_user_errors(flags, fragments):
-    with pytest.raises(UserError) as info:
-        resolve(*flags)
-    message = str(info.value)
-    assert "\n" not in message and message.endswith(")") and " (" in message
-    for fragment in fragments:
-        assert fragment in message, message
+    _assert_one_line_error(flags, fragments)
 
 
 def test_subset_seed_with_a_list_is_refused(tmp_path):
@@ -89,12 +94,7 @@ def test_under_a_launcher_an_explicit_gpu_index_is_refused(monkeypatch):
     (["--cls_features", "clip_all"], ["clip_all", "use clip"]),
 ])
 def test_bad_head_flags_are_one_line_user_errors(flags, fragments):
-    with pytest.raises(UserError) as info:
-        resolve(*flags)
-    message = str(info.value)
-    assert "\n" not in message and message.endswith(")") and " (" in message
-    for fragment in fragments:
-        assert fragment in message, message
+    _assert_one_line_error(flags, fragments)
 
 
 def test_heads_reading_blocks_ask_for_as_many_as_the_widest():
