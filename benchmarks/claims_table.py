@@ -19,7 +19,7 @@ HEADS = ("cls", "pos", "abmilp")
 
 def probing_rows(folder):
     rows = json.loads((folder / "results.json").read_text())
-    best = best_per_head(rows)
+    best, _notes = best_per_head(rows)
     knn = {row["head"].removeprefix("knn-"): row["best_acc1"] for row in rows
            if row["probe"].startswith("knn_") and row["probe"].endswith("_k10_T0.07")}
     return best, knn
