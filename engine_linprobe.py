@@ -30,7 +30,7 @@ from heads import (
 from models_vit import capture_attention
 from util import dist
 from util.amp import autocast
-from util.data import HEAD_INIT, derive_seed
+from util.data import HEAD_INIT, ShardSampler, derive_seed
 from util.decode import device_images, pad_batch
 from util.lars import LARS
 from util.lr_sched import WarmupCosine
@@ -470,7 +470,7 @@ class TokenCache:
     def shard_batches(self, batch_size: int) -> Iterator[tuple]:
         """(TokenBatch, targets) of this process's ShardSampler shard of a filled cache, in order: what a train=False
         loader over the set gives k-NN, without reading an image."""
-        rows = list(range(dist.rank(), self.capacity, dist.world_size()))
+        rows = list(ShardSampler(range(self.capacity), dist.world_size(), dist.rank()))
         for start in range(0, len(rows), batch_size):
             yield self._cached(torch.tensor(rows[start:start + batch_size]))
 

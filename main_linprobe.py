@@ -38,6 +38,7 @@ from util.data import (
     TORCHVISION_SETS,
     DatasetMissing,
     DatasetNotDownloadable,
+    ShardSampler,
     build_dataset,
     build_loader,
     data_source,
@@ -249,8 +250,10 @@ def _run_locked(config, device):
     if config.eval_only:
         return _evaluate_saved_heads(config, state, tokens_fn, probe_set, dataset_val, device, distributed)
     _resume(config, state, probe_set, optimizer, scaler)
-    cache = _eval_cache(config, probe_set, encoder, oracle, dataset_val, device) if config.cache_eval_gib > 0 else None
-    train_cache = (_train_cache(config, probe_set, encoder, oracle, dataset_train, device)
+    layout = (engine.cache_layout(probe_set, encoder, block=config.encoder.return_block, oracle=oracle)
+              if config.cache_eval_gib > 0 or config.cache_train_gib > 0 else None)  # what either cache keeps
+    cache = _eval_cache(config, layout, dataset_val, device) if config.cache_eval_gib > 0 else None
+    train_cache = (_train_cache(config, layout, dataset_train, device)
                    if config.cache_train_gib > 0 else None)
 
     if config.affinity_hack and hasattr(os, "sched_setaffinity"):
@@ -384,18 +387,16 @@ def _write_results(config, state, knn, log):
     log.table("results", json.loads((Path(config.output_dir) / RESULTS).read_text()))
 
 
-def _eval_cache(config, probe_set, encoder, oracle, dataset_val, device):
+def _eval_cache(config, layout, dataset_val, device):
     """The eval cache, sized before anything fills it: one line stating its size per process, or a UserError."""
-    layout = engine.cache_layout(probe_set, encoder, block=config.encoder.return_block, oracle=oracle)
     images = -(-len(dataset_val) // dist.world_size())  # the largest shard: every process decides alike
     _check_cache_size("eval", "validation", images, layout, config.cache_eval_gib, "--cache_eval_features")
-    shard = len(range(dist.rank(), len(dataset_val), dist.world_size()))  # build_loader's ShardSampler
+    shard = len(ShardSampler(dataset_val, dist.world_size(), dist.rank()))  # what build_loader gives this process
     return engine.TokenCache(layout, shard, device=device)
 
 
-def _train_cache(config, probe_set, encoder, oracle, dataset_train, device):
+def _train_cache(config, layout, dataset_train, device):
     """The --no_augment training set's cache: every process holds every image (each epoch shards it anew)."""
-    layout = engine.cache_layout(probe_set, encoder, block=config.encoder.return_block, oracle=oracle)
     _check_cache_size("train", "training", len(dataset_train), layout, config.cache_train_gib, "--cache_train_features")
     return engine.TokenCache(layout, len(dataset_train), device=device)
 

@@ -195,7 +195,7 @@ def process_cpu(pid):
 
 def bench_dataloader(root, bench):
     """Per image: CPU seconds of the data workers + the main process through a DataLoader (module docstring)."""
-    size, batch, pin = bench.input_size, bench.batch_size, bench.device.startswith("cuda")
+    size, batch, pin = bench.input_size, bench.batch_size, is_cuda(bench.device)
     host = {}  # without CUDA: the reused buffers the main process copies each batch into, as pin_memory would
 
     def workers_cpu(pids):
@@ -384,7 +384,7 @@ def print_report(bench, report):
     print(f"  fast over pil in one process: train {ratios['train']:.2f}x, val {ratios['val']:.2f}x; "
           f"{ratios['with CPU normalisation']:.2f}x if fast also normalised on the CPU")
     dataloader = report["dataloader"]
-    copy = "pin_memory" if bench.device.startswith("cuda") else "a copy into a reused buffer standing in for pin_memory"
+    copy = "pin_memory" if is_cuda(bench.device) else "a copy into a reused buffer standing in for pin_memory"
     print(f"  through a DataLoader ({bench.workers} workers; {copy}): CPU ms per image, workers + main process")
     for name, row in dataloader.items():
         if not name.endswith("ratio"):
