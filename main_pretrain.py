@@ -176,7 +176,7 @@ def _log_pictures(config, log, model, samples, history, epoch, iterations):
             generator = torch.Generator(device=images.device).manual_seed(config.seed)
             _, pred, mask = model(images, generator=generator)
         model.train()
-        return dashboard.mae_reconstruction_grid(images, pred, mask, model.patch_size,
+        return dashboard.mae_reconstruction_grid(images, model.patchify(images), pred, mask, model.patch_size,
                                                  norm_pix_loss=config.norm_pix_loss, scale=4)
     if samples is not None:
         log.picture("pictures/reconstruction", reconstruction, epoch, iterations)

@@ -29,7 +29,7 @@ def test_a_perfect_prediction_reconstructs_the_original_and_the_masked_input_is_
     mask = torch.zeros(2, 16)
     mask[0, [0, 5, 15]] = 1
     mask[1, :8] = 1
-    grid = mae_reconstruction_grid(images, target, mask, p, norm_pix_loss=norm_pix_loss)
+    grid = mae_reconstruction_grid(images, patches, target, mask, p, norm_pix_loss=norm_pix_loss)
     panels = _panels(grid, 2, 3, 16)
     originals = _uint8(images)
     for i in range(2):
@@ -45,7 +45,7 @@ def test_a_wrong_prediction_shows_only_on_masked_patches():
     images = torch.zeros(1, 3, 8, 8)
     mask = torch.tensor([[1.0, 0, 0, 0]])
     pred = torch.full((1, 4, 48), 3.0)  # far from the image everywhere
-    grid = mae_reconstruction_grid(images, pred, mask, 4, norm_pix_loss=False)
+    grid = mae_reconstruction_grid(images, torch.zeros(1, 4, 48), pred, mask, 4, norm_pix_loss=False)
     reconstruction, original = _panels(grid, 1, 3, 8)[0][1:]
     assert not np.array_equal(reconstruction[:4, :4], original[:4, :4])
     assert np.array_equal(reconstruction[4:], original[4:]) and np.array_equal(reconstruction[:, 4:], original[:, 4:])

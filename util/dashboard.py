@@ -95,15 +95,15 @@ def unpatchify(patches, patch_size, grid):
     return torch.einsum("bhwpqc->bchpwq", x).reshape(B, 3, h * p, w * p)
 
 
-def mae_reconstruction_grid(images, pred, mask, patch_size, *, norm_pix_loss, scale=1):
+def mae_reconstruction_grid(images, patches, pred, mask, patch_size, *, norm_pix_loss, scale=1):
     """One row per image: the masked input (masked patches grey), the reconstruction (visible patches as given,
-    masked ones predicted) and the original. pred [B, N, p*p*3] in the loss's space: with norm_pix_loss each patch
-    is put back on its own mean and variance, as MAE's visualisation does."""
+    masked ones predicted) and the original. patches [B, N, p*p*3]: the images as the model patchifies them;
+    pred in the loss's space: with norm_pix_loss each patch is put back on its own mean and variance, as MAE's
+    visualisation does."""
     images = images.detach().float().cpu()
     B, _, H, W = images.shape
     grid = (H // patch_size, W // patch_size)
-    target = images.reshape(B, 3, grid[0], patch_size, grid[1], patch_size)
-    target = torch.einsum("bchpwq->bhwpqc", target).reshape(B, grid[0] * grid[1], -1)
+    target = patches.detach().float().cpu()
     pred = pred.detach().float().cpu()
     if norm_pix_loss:
         mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
